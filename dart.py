@@ -1,0 +1,1001 @@
+"""
+DART: Disentangled Action-Reasoning Tuning, in one file.
+
+From "Reasoning and Tool-use Compete in Agentic RL" (arXiv 2602.00994). An agent
+interleaves free-text reasoning with tool calls. Trained the usual way, one set of
+parameters learns from every token, and the two behaviours interfere. DART freezes
+the backbone and gives each behaviour its own LoRA adapter; a fixed rule routes every
+token to exactly one of them. This file is the whole method, top to bottom:
+
+    1. config and command line
+    2. token roles: which adapter writes which token
+    3. the DART layer: two LoRA adapters as one gated rank-2r LoRA
+    4. models: the embedded tiny default (built and warm-started here) or any HF causal LM
+    5. the rollout engine: batched, KV-cached sampling with tool calls in the middle
+    6. GRPO: group advantages, clipped objective, KL to the adapters-off reference
+    7. training loop, evaluation, checkpoints, report
+    8. --compare: every mode on the same budget, one table
+
+    python dart.py                        # tiny model, CPU-friendly, about 10 minutes
+    python dart.py --mode=joint --steps=50
+    python dart.py --model=Qwen/Qwen2.5-0.5B-Instruct --device=cuda
+"""
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import toy_tasks
+import tools
+
+# -----------------------------------------------------------------------------
+# 1. Config and command line
+
+
+@dataclass
+class Config:
+    # what to run
+    model: str = "tiny"          # "tiny" = embedded default; else an HF model name or directory
+    mode: str = "dart"           # see MODES
+    steps: int = 80              # RL steps
+    seed: int = 0
+    out: str = ""                # run directory; default runs/<time>-<mode>-s<seed>
+    resume: str = ""             # a run directory to continue from its last checkpoint
+    device: str = "auto"         # auto = cuda, else mps, else cpu
+    dtype: str = "auto"          # auto = bfloat16 autocast on cuda, float32 elsewhere
+    # adapters
+    rank: int = 8                # rank r of EACH adapter (DART has two: 2r units in all)
+    alpha: float = 16.0          # LoRA scale alpha / r
+    lora_dropout: float = 0.0
+    targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    # GRPO
+    questions_per_step: int = 8
+    group_size: int = 8          # G rollouts per question
+    lr: float = 2e-3
+    temperature: float = 1.0     # sampling temperature; log-probs use the same
+    clip_eps: float = 0.2
+    kl_beta: float = 0.01        # weight of k3 KL to the adapters-off reference (0 = skip it)
+    scale_std: bool = True       # False = Dr. GRPO advantages (no division by the group std)
+    loss_agg: str = "token_mean"  # token_mean | seq_mean | dr_grpo
+    updates_per_batch: int = 1   # > 1 makes the clipping matter; 1 = REINFORCE with a group baseline
+    micro_batch: int = 64        # rows per forward/backward in the update
+    max_grad_norm: float = 1.0
+    format_bonus: float = 0.0    # reward for a wrong but well-formed answer (paper: 0)
+    # rollout limits
+    max_new_tokens: int = 80
+    max_tool_calls: int = 4
+    max_arg_tokens: int = 24
+    max_obs_tokens: int = 16
+    # evaluation and checkpoints
+    eval_every: int = 20
+    eval_per_family: int = 50    # test questions per task family
+    save_every: int = 20
+    # the embedded tiny base (cached on disk under cache_dir, keyed by these base_* fields)
+    base_dim: int = 192
+    base_layers: int = 4
+    base_heads: int = 4
+    base_vocab: int = 400
+    base_steps: int = 600
+    base_batch: int = 32
+    base_lr: float = 1e-3
+    base_seed: int = 0
+    cache_dir: str = "runs/cache"
+    # --compare: every mode, same budget
+    compare: bool = False
+    seeds: int = 3
+
+
+MODES = ("joint", "joint2r", "dart", "reason_only", "tool_only", "mixlora", "two_agent")
+CHOICES = {"mode": MODES, "loss_agg": ("token_mean", "seq_mean", "dr_grpo"),
+           "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", "float32", "bfloat16")}
+
+
+def parse_args(argv, defaults=None):
+    """--key=value overrides of Config; anything unknown or mistyped stops with the valid keys."""
+    cfg = defaults or Config()
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    valid = ", ".join(f"--{name}" for name in kinds)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            sys.exit(__doc__ + "\noptions (default):\n" + "\n".join(
+                f"  --{f.name}={getattr(Config(), f.name)}" for f in dataclasses.fields(Config)))
+        key, has_value, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in kinds:
+            sys.exit(f"error: unknown option {arg!r}. Valid options: {valid}")
+        kind = kinds[key]
+        if not has_value and kind is not bool:
+            sys.exit(f"error: --{key} needs a value, e.g. --{key}={getattr(cfg, key)}")
+        try:
+            value = _parse_value(kind, text if has_value else "true")
+        except ValueError:
+            sys.exit(f"error: --{key} takes a {kind.__name__}, not {text!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            sys.exit(f"error: --{key} must be one of {', '.join(CHOICES[key])}, not {value!r}")
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _parse_value(kind, text):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1", "yes")
+    return kind(text)
+
+
+def resolve_device(cfg):
+    if cfg.device != "auto":
+        return cfg.device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+# -----------------------------------------------------------------------------
+# 2. Token roles
+#
+# role(t) is the role of the token that position t PREDICTS. It is TOOL iff the
+# prefix up to and including token t is inside an open tool span: the last tool tag
+# so far is an opening one. The environment's <obs> also ends a span (it answers the
+# call, or reports a malformed one). So the position holding <calc> is TOOL (it
+# predicts the argument) and the position holding </calc> is REASONING.
+
+REASONING, TOOL = 0, 1
+OBS, OBS_END, ANSWER, ANSWER_END = "<obs>", "</obs>", "<answer>", "</answer>"
+TOOL_TAGS = [tag for name in tools.TOOL_NAMES for tag in (f"<{name}>", f"</{name}>")]
+TAGS = TOOL_TAGS + [OBS, OBS_END, ANSWER, ANSWER_END]
+
+
+@dataclass
+class Special:
+    """Token ids the engine and the role rule need, read off a tokenizer once."""
+    opens: dict       # id of <calc> -> "calc", ...
+    closes: dict      # id of </calc> -> "calc", ...
+    obs: int
+    obs_end: int
+    answer_end: int
+    eos: int
+    pad: int
+    open_ids: torch.Tensor = None
+    closer_ids: torch.Tensor = None   # closing tool tags and <obs>
+
+    def __post_init__(self):
+        self.open_ids = torch.tensor(sorted(self.opens))
+        self.closer_ids = torch.tensor(sorted(self.closes) + [self.obs])
+
+
+def special_ids(tok):
+    ids = {tag: tok.convert_tokens_to_ids(tag) for tag in TAGS}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return Special(opens={ids[f"<{n}>"]: n for n in tools.TOOL_NAMES},
+                   closes={ids[f"</{n}>"]: n for n in tools.TOOL_NAMES},
+                   obs=ids[OBS], obs_end=ids[OBS_END], answer_end=ids[ANSWER_END],
+                   eos=tok.eos_token_id, pad=pad)
+
+
+def token_roles(ids, special):
+    """(B, T) token ids -> (B, T) roles, the rule above in vectorized form."""
+    positions = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+    none = torch.full_like(ids, -1)
+    last_open = torch.where(torch.isin(ids, special.open_ids.to(ids.device)), positions, none).cummax(-1).values
+    last_close = torch.where(torch.isin(ids, special.closer_ids.to(ids.device)), positions, none).cummax(-1).values
+    return (last_open > last_close).long()
+
+
+def next_role(role, token, special):
+    """The same rule, one token at a time, for the rollout engine (test_dart checks they agree)."""
+    role = torch.where(torch.isin(token, special.open_ids.to(token.device)), TOOL, role)
+    return torch.where(torch.isin(token, special.closer_ids.to(token.device)), REASONING, role)
+
+
+# -----------------------------------------------------------------------------
+# 3. The DART layer
+#
+# For a frozen linear W and two rank-r adapters stacked into A = [A_r; A_t] and
+# B = [B_r B_t], DESIGN.md section 3:
+#
+#     y = W x + B ( g(role) * (A x) )          g: (2r,) gate, scale alpha/r folded in
+#
+#     reasoning token:  g = alpha/r * [1 1 .. 1 | 0 0 .. 0]      -> only (A_r, B_r) acts
+#     tool token:       g = alpha/r * [0 0 .. 0 | 1 1 .. 1]      -> only (A_t, B_t) acts
+#
+#             x ──► W ──────────────────────────────►(+)──► y
+#             │                                        ▲
+#             └──► [A_r; A_t] ──► ⊙ g(role) ──► [B_r B_t]
+#
+# Same FLOPs as one rank-2r LoRA; the inactive block gets exactly zero gradient at
+# that position. Every baseline is the same layer with another gate table.
+
+# mode -> (gate over the blocks for a REASONING position, for a TOOL position).
+# Gate entries sum to 1 per token, so each token's LoRA has the usual alpha/rank scale
+# (joint2r is one rank-2r LoRA: alpha/(2r) per unit).
+BLOCK_GATES = {
+    "joint": ((1.0,), (1.0,)),
+    "reason_only": ((1.0,), (1.0,)),
+    "tool_only": ((1.0,), (1.0,)),
+    "joint2r": ((0.5, 0.5), (0.5, 0.5)),
+    "dart": ((1.0, 0.0), (0.0, 1.0)),
+    "two_agent": ((1.0, 0.0), (0.0, 1.0)),  # each agent's forward sets every role to its own
+    "mixlora": ((0.5, 0.5), (0.5, 0.5)),    # unused: a learned router gates each token instead
+}
+
+
+class Routing:
+    """State shared by every DART layer of one model: the gate of the current forward."""
+
+    def __init__(self, mode, rank, alpha, device):
+        self.mode = mode
+        self.rank = rank
+        self.scale = alpha / rank
+        self.table = self.scale * torch.tensor(BLOCK_GATES[mode], device=device).repeat_interleave(rank, -1)
+        self.gate = None       # (B, T, blocks * rank), set by route()
+        self.enabled = True    # False = the frozen base model (the KL reference)
+
+    @property
+    def blocks(self):
+        return self.table.shape[-1] // self.rank
+
+    def route(self, roles):
+        self.gate = self.table[roles]
+
+
+class DartLinear(nn.Module):
+    def __init__(self, base, routing, dropout, router):
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        units = routing.blocks * routing.rank
+        self.lora_A = nn.Parameter(torch.empty(units, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, units, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT; B = 0 keeps y = W x
+        self.dropout = nn.Dropout(dropout)
+        # mixlora: a per-layer router makes soft gates over the blocks for every token
+        self.router = nn.Linear(base.in_features, routing.blocks, bias=False, device=base.weight.device) if router else None
+        if router:
+            nn.init.zeros_(self.router.weight)  # uniform gates at the start
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.routing.enabled:
+            return y
+        hidden = F.linear(self.dropout(x), self.lora_A)
+        if self.router is None:
+            gate = self.routing.gate
+        else:
+            weights = torch.softmax(self.router(x).float(), -1).to(hidden.dtype)
+            gate = self.routing.scale * weights.repeat_interleave(self.routing.rank, -1)
+        return y + F.linear(hidden * gate, self.lora_B)
+
+
+def attach_dart(model, cfg, device):
+    """Freeze the model and wrap every target linear in a DartLinear; returns the Routing."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    routing = Routing(cfg.mode, cfg.rank, cfg.alpha, device)
+    targets = set(cfg.targets.split(","))
+    wrapped = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, DartLinear(child, routing, cfg.lora_dropout, cfg.mode == "mixlora"))
+                wrapped += 1
+    if wrapped == 0:
+        sys.exit(f"error: no linear layer named any of --targets={cfg.targets} in this model")
+    return routing
+
+
+def adapter_state(model):
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_block(model, state, block, rank):
+    """Copy a single-block adapter (a joint / reason_only / tool_only run) into block `block` of
+    this model's layers: the inference-time hybrids of LEAS cost no training."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            rows = slice(block * rank, (block + 1) * rank)
+            if name.endswith("lora_A"):
+                params[name][rows] = value
+            elif name.endswith("lora_B"):
+                params[name][:, rows] = value
+
+
+@contextlib.contextmanager
+def adapters_off(routing):
+    """The reference model of the KL term: the same weights with every adapter switched off."""
+    routing.enabled = False
+    try:
+        yield
+    finally:
+        routing.enabled = True
+
+
+# -----------------------------------------------------------------------------
+# 4. Models
+#
+# Either the embedded tiny default (a Llama config of ~2M parameters and a BPE trained on
+# the task vocabulary, warm-started on gold trajectories and cached), or any HF causal LM,
+# with the tags added as single tokens.
+
+INSTRUCTIONS = ("Answer the question. Tools: <calc>expression</calc> does arithmetic, "
+                "<lookup>Entity.attribute</lookup> reads a fact; each call is answered in "
+                "<obs>...</obs>. End with <answer>number</answer>.")
+
+
+@dataclass
+class Policy:
+    """Everything the engine and the trainer need: the model and how to talk to it."""
+    model: nn.Module
+    tok: object
+    special: Special
+    routing: Routing
+    device: str
+    amp_dtype: torch.dtype = None   # autocast dtype, None = full precision
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype)
+
+
+def build_tokenizer(cfg, world):
+    """Byte-level BPE trained on the task templates, every digit its own token, tags atomic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.base_vocab, special_tokens=["<pad>", "<bos>", "<eos>"] + TAGS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(toy_tasks.tokenizer_corpus(world), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def prompt_ids(tok, question):
+    """The prompt: the model's chat template with tool instructions, or (tiny model) <bos>question\\n."""
+    if tok.chat_template:
+        messages = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": question}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tok.encode(text, add_special_tokens=False)
+    return [tok.bos_token_id] + tok.encode(question + "\n", add_special_tokens=False)
+
+
+def observation_ids(tok, special, text, max_tokens):
+    """Tokens the environment inserts: <obs> text </obs>, tokenized once, tags in the text removed
+    (they would change roles), the text cut to max_tokens."""
+    for tag in TAGS:
+        text = text.replace(tag, "")
+    return [special.obs] + tok.encode(text, add_special_tokens=False)[:max_tokens] + [special.obs_end]
+
+
+def trajectory_ids(tok, special, trajectory, max_obs_tokens):
+    """A written-out trajectory as (token ids, written-by-policy mask): the observations are
+    tokenized by observation_ids, exactly as the environment would insert them."""
+    ids, policy = [], []
+    rest = trajectory
+    while rest:
+        before, _, after = rest.partition(OBS)
+        content, _, rest = after.partition(OBS_END)
+        piece = tok.encode(before, add_special_tokens=False)
+        ids += piece
+        policy += [1] * len(piece)
+        if after:
+            obs = observation_ids(tok, special, content, max_obs_tokens)
+            ids += obs
+            policy += [0] * len(obs)
+    return ids, policy
+
+
+def base_key(cfg):
+    """What the tiny base depends on: its base_* settings and the task world."""
+    world = toy_tasks.make_world()
+    key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("base_")}
+    key["max_obs_tokens"] = cfg.max_obs_tokens
+    key["world"] = hashlib.sha256(json.dumps(world.kb, sort_keys=True).encode()).hexdigest()[:12]
+    key["tasks"] = toy_tasks.tokenizer_corpus(world, n=20)
+    return key
+
+
+def tiny_base(cfg):
+    """The embedded default: load it from the cache, or build and warm-start it (and cache it)."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    key = base_key(cfg)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(cfg.cache_dir, f"tiny-{digest}")
+    if not os.path.exists(os.path.join(path, "base.json")):
+        model, tok = warm_start(cfg)
+        tmp = f"{path}.tmp{os.getpid()}"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "base.json"), "w") as f:
+            json.dump(key, f, indent=1)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)  # a half-written cache is never mistaken for a finished one
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
+
+
+def warm_start(cfg):
+    """Supervised training on gold trajectories, loss on the tokens the policy writes. Short on
+    purpose: the base should know the format but leave room for RL (the paper starts from an
+    instruct model, not from an expert)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    world = toy_tasks.make_world()
+    tok = build_tokenizer(cfg, world)
+    special = special_ids(tok)
+    torch.manual_seed(cfg.base_seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.base_dim, intermediate_size=3 * cfg.base_dim,
+                         num_hidden_layers=cfg.base_layers, num_attention_heads=cfg.base_heads,
+                         num_key_value_heads=cfg.base_heads, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.01)
+    warmup = max(1, cfg.base_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.base_steps))))
+    rng = random.Random(cfg.base_seed)
+    bar = tqdm(range(cfg.base_steps), desc="warm start (tiny base)", leave=False)
+    for _ in bar:
+        rows = []
+        for _ in range(cfg.base_batch):
+            task = toy_tasks.sample_task(rng, world, "train")
+            prompt = prompt_ids(tok, task.question)
+            ids, policy = trajectory_ids(tok, special, toy_tasks.demonstration(rng, task), cfg.max_obs_tokens)
+            rows.append((prompt + ids, [0] * len(prompt) + policy))
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r, _ in rows])
+        target_mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows], dtype=torch.bool)
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in rows])
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        labels = ids[:, 1:].masked_fill(~target_mask[:, 1:], -100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval(), tok
+
+
+def hf_model(name):
+    """Any HF causal LM; the tags become single tokens whose embeddings start as the mean of
+    the embeddings of their text's ordinary pieces."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --model={name} is neither a model directory nor a reachable hub model "
+                 f"({type(e).__name__}). Pass a folder with config.json and weights, or omit --model "
+                 f"for the embedded tiny model.")
+    pieces = {tag: tok.encode(tag, add_special_tokens=False) for tag in TAGS}
+    tok.add_tokens(TAGS, special_tokens=True)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        for matrix in {id(m): m for m in (model.get_input_embeddings().weight,
+                                          model.get_output_embeddings().weight)}.values():
+            for tag, ids in pieces.items():
+                matrix[tok.convert_tokens_to_ids(tag)] = matrix[ids].mean(0)
+    return model, tok
+
+
+def load_policy(cfg):
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # our own bars say what is happening
+    device = resolve_device(cfg)
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device=cuda but no CUDA device is visible; use --device=cpu")
+    model, tok = tiny_base(cfg) if cfg.model == "tiny" else hf_model(cfg.model)
+    if tok.eos_token_id is None:
+        sys.exit(f"error: the tokenizer of --model={cfg.model} has no eos token")
+    model.to(device).eval()  # eval(): no dropout in the frozen base; LoRA dropout is its own module
+    routing = attach_dart(model, cfg, device)
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else None, "float32": None,
+             "bfloat16": torch.bfloat16}[cfg.dtype]
+    return Policy(model, tok, special_ids(tok), routing, device, dtype)
+
+
+# -----------------------------------------------------------------------------
+# 5. The rollout engine
+#
+# Our own sampling loop, not generate(): the adapter switches per token and tool results
+# are spliced in mid-sequence. All rows advance one token per step. Each row has a queue
+# of forced tokens: when it closes a tool call, the tool runs and the observation's tokens
+# are queued; they are fed instead of sampled ones and carry no loss. Prompts are
+# left-padded, with an explicit attention mask and position ids, the same as in training.
+
+
+def positions(attention_mask):
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def new_caches(policy):
+    from transformers import DynamicCache
+    return [DynamicCache() for _ in range(2 if policy.routing.mode == "two_agent" else 1)]
+
+
+def forward(policy, ids, attention_mask, position_ids, roles, caches=None, logits_to_keep=0):
+    """Logits with every position routed by its role. two_agent runs one forward per agent,
+    each over the whole context with its own adapter, and takes each position's logits from
+    the agent of its role."""
+    routing = policy.routing
+    agents = (REASONING, TOOL) if routing.mode == "two_agent" else (None,)
+    logits = []
+    for i, agent in enumerate(agents):
+        routing.route(roles if agent is None else torch.full_like(roles, agent))
+        with policy.autocast():
+            out = policy.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=caches[i] if caches else None, use_cache=caches is not None,
+                               logits_to_keep=logits_to_keep)
+        logits.append(out.logits.float())
+    if len(logits) == 1:
+        return logits[0]
+    kept_roles = roles[:, -logits[0].shape[1]:]
+    return torch.where(kept_roles[..., None] == TOOL, logits[1], logits[0])
+
+
+@dataclass
+class Rollout:
+    ids: torch.Tensor             # (B, P + N) left-padded prompt, then N response slots
+    attention_mask: torch.Tensor  # (B, P + N) 1 on real tokens
+    roles: torch.Tensor           # (B, P + N) role each position was routed with
+    sampled: torch.Tensor         # (B, N) True where the policy wrote the token (the loss mask)
+    logprobs: torch.Tensor        # (B, N) sampling log-prob of each sampled token (0 elsewhere)
+    texts: list                   # decoded responses
+    tool_calls: list              # per row: tool calls that ran
+    invalid_calls: list           # per row: observations that were errors
+
+    @property
+    def prompt_len(self):
+        return self.ids.shape[1] - self.sampled.shape[1]
+
+
+@dataclass
+class Row:
+    """The environment's view of one trajectory."""
+    queue: deque = field(default_factory=deque)  # forced tokens still to feed
+    tool: str = None                            # open tool span, if any
+    argument: list = field(default_factory=list)
+    calls: int = 0
+    invalid: int = 0
+
+
+def react(row, token, policy, registry, cfg):
+    """The environment's answer to one token the policy wrote. Malformed calls (nested, unclosed,
+    stray closing tag, unknown tool, too long, over the call limit) become error observations."""
+    special = policy.special
+    result = None
+    if token in special.opens:
+        if row.tool is not None:
+            result = "error: a tool call cannot contain another"
+        elif row.calls >= cfg.max_tool_calls:
+            result = f"error: at most {cfg.max_tool_calls} tool calls"
+        else:
+            row.tool, row.argument = special.opens[token], []
+    elif token in special.closes:
+        if row.tool != special.closes[token]:
+            result = "error: closing tag without an open call"
+        else:
+            row.calls += 1
+            result = tools.run_tool(registry, row.tool, policy.tok.decode(row.argument))
+    elif token == special.obs:
+        row.tool = None  # the policy wrote <obs> itself: by the role rule the span is over
+    elif row.tool is not None:
+        row.argument.append(token)
+        if len(row.argument) > cfg.max_arg_tokens:
+            result = f"error: tool call longer than {cfg.max_arg_tokens} tokens"
+    if result is not None:
+        row.tool = None
+        row.invalid += result.startswith("error:")
+        row.queue.extend(observation_ids(policy.tok, special, result, cfg.max_obs_tokens))
+
+
+def sample(logits, temperature, generator):
+    """Next tokens and their log-probs at the sampling temperature (greedy when it is 0)."""
+    if temperature == 0:
+        token = logits.argmax(-1)
+        return token, torch.zeros_like(logits[:, 0])
+    logp = torch.log_softmax(logits / temperature, -1)
+    token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def rollout(policy, registry, prompts, cfg, temperature, generator=None):
+    """Sample one response per prompt, with tool calls executed as they close."""
+    special, device = policy.special, policy.device
+    batch, width = len(prompts), max(map(len, prompts))
+    ids = torch.full((batch, width), special.pad, device=device)
+    attention = torch.zeros((batch, width), dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.tensor(prompt, device=device)
+        attention[i, width - len(prompt):] = 1
+    roles = token_roles(ids, special)
+    caches = new_caches(policy)
+    logits = forward(policy, ids, attention, positions(attention), roles, caches, logits_to_keep=1)[:, -1]
+    rows = [Row() for _ in range(batch)]
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    role, position = roles[:, -1], positions(attention)[:, -1]
+    new_ids, new_attention, new_roles, sampled_mask, logprobs = [], [], [], [], []
+    stops = torch.tensor([special.eos, special.answer_end], device=device)
+    for _ in range(cfg.max_new_tokens):
+        sampled, logp = sample(logits, temperature, generator)
+        forced = torch.tensor([row.queue.popleft() if row.queue else -1 for row in rows], device=device)
+        is_sampled = active & (forced < 0)
+        token = torch.where(forced >= 0, forced, sampled).masked_fill(~active, special.pad)
+        tokens = token.tolist()
+        for i in is_sampled.nonzero().flatten().tolist():
+            react(rows[i], tokens[i], policy, registry, cfg)
+        role = next_role(role, token, special)
+        position = position + active.long()
+        new_ids.append(token)
+        new_attention.append(active.long())
+        new_roles.append(role)
+        sampled_mask.append(is_sampled)
+        logprobs.append(torch.where(is_sampled, logp, 0.0))
+        active = active & ~(is_sampled & torch.isin(token, stops))
+        if not active.any():
+            break
+        attention = torch.cat([attention, new_attention[-1][:, None]], 1)
+        logits = forward(policy, token[:, None], attention, position[:, None], role[:, None], caches, 1)[:, -1]
+    response = torch.stack(new_ids, 1)
+    response_attention = torch.stack(new_attention, 1)
+    texts = [policy.tok.decode(r[m.bool()].tolist()) for r, m in zip(response, response_attention)]
+    return Rollout(ids=torch.cat([ids, response], 1),
+                   attention_mask=torch.cat([attention[:, :width], response_attention], 1),
+                   roles=torch.cat([roles, torch.stack(new_roles, 1)], 1),
+                   sampled=torch.stack(sampled_mask, 1), logprobs=torch.stack(logprobs, 1), texts=texts,
+                   tool_calls=[r.calls for r in rows], invalid_calls=[r.invalid for r in rows])
+
+
+# -----------------------------------------------------------------------------
+# 6. GRPO
+#
+# Per question, G rollouts; advantage A = (r - mean) / (std + 1e-4) within the group.
+# Per generated token, with ratio rho = pi / pi_old:
+#
+#     loss_t = -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + beta * KL_k3(pi, pi_ref)
+#     KL_k3  = exp(ref - logp) - (ref - logp) - 1        (Schulman's k3: unbiased, >= 0)
+#
+# pi_ref is the same model with its adapters off. With one update per batch pi_old = pi,
+# rho = 1 and the gradient is REINFORCE with a group-mean baseline; the clip only acts
+# when updates_per_batch > 1.
+
+
+def group_advantages(rewards, scale_std=True):
+    """(Q, G) rewards -> (Q, G) advantages. A group whose rewards are all equal gets zeros."""
+    centered = rewards - rewards.mean(-1, keepdim=True)
+    if not scale_std:  # Dr. GRPO: no division by the std (it over-weights near-solved questions)
+        return centered
+    return centered / (rewards.std(-1, keepdim=True, unbiased=False) + 1e-4)
+
+
+def token_weights(mask, loss_agg, max_new_tokens):
+    """(B, N) weights so that loss = sum(weights * per-token loss) over the whole batch; computed
+    once, so micro-batching the update leaves the loss unchanged."""
+    mask = mask.float()
+    if loss_agg == "token_mean":  # every token counts the same (DAPO)
+        return mask / mask.sum().clamp(min=1)
+    if loss_agg == "seq_mean":    # mean per sequence, then over sequences (original GRPO)
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * mask.shape[0])
+    return mask / (mask.shape[0] * max_new_tokens)  # dr_grpo: a constant normalizer, the budget
+
+
+def response_logprobs(policy, ids, attention_mask, prompt_len, temperature):
+    """Log-probs of the response tokens (and the full log-softmax) from one training forward over
+    the same ids, mask, positions and roles the rollout used."""
+    width = ids.shape[1] - prompt_len
+    logits = forward(policy, ids, attention_mask, positions(attention_mask), token_roles(ids, policy.special),
+                     logits_to_keep=width + 1)[:, :-1]
+    logp_all = torch.log_softmax(logits / temperature, -1)
+    return logp_all.gather(-1, ids[:, prompt_len:, None]).squeeze(-1), logp_all
+
+
+def loss_mask(batch, special, mode):
+    """Which response tokens carry loss: those the policy wrote, of the role(s) the mode trains."""
+    target_roles = token_roles(batch.ids, special)[:, batch.prompt_len - 1:-1]  # role that predicted each token
+    if mode == "reason_only":
+        return batch.sampled & (target_roles == REASONING), target_roles
+    if mode == "tool_only":
+        return batch.sampled & (target_roles == TOOL), target_roles
+    return batch.sampled, target_roles
+
+
+def grpo_update(policy, optimizer, batch, advantages, cfg):
+    """One GRPO update on a batch of rollouts; returns per-role metrics. A non-finite loss or
+    gradient skips the step and leaves the adapters as they were."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    mask, target_roles = loss_mask(batch, policy.special, cfg.mode)
+    weights = token_weights(mask, cfg.loss_agg, cfg.max_new_tokens)
+    sums = {f"{name}_{role}": 0.0 for name in ("loss", "kl", "entropy") for role in ("reason", "tool")}
+    skipped = 0
+    for _ in range(cfg.updates_per_batch):
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for rows in torch.arange(len(batch.ids)).split(cfg.micro_batch):
+            logp, logp_all = response_logprobs(policy, batch.ids[rows], batch.attention_mask[rows],
+                                               batch.prompt_len, cfg.temperature)
+            ratio = torch.exp(logp - batch.logprobs[rows])
+            adv = advantages[rows, None]
+            per_token = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+            kl = torch.zeros_like(logp)
+            if cfg.kl_beta > 0:
+                with torch.no_grad(), adapters_off(policy.routing):
+                    ref_logp, _ = response_logprobs(policy, batch.ids[rows], batch.attention_mask[rows],
+                                                    batch.prompt_len, cfg.temperature)
+                kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+                per_token = per_token + cfg.kl_beta * kl
+            on = mask[rows]
+            per_token = torch.where(on, per_token, 0.0)  # where, not *: masked slots may hold inf
+            loss = (per_token * weights[rows]).sum()
+            loss.backward()
+            total += loss.item()
+            with torch.no_grad():
+                entropy = -(logp_all.exp() * logp_all).sum(-1)
+                for role, name in ((REASONING, "reason"), (TOOL, "tool")):
+                    sel = on & (target_roles[rows] == role)
+                    sums[f"loss_{name}"] += per_token[sel].sum().item()
+                    sums[f"kl_{name}"] += kl[sel].sum().item()
+                    sums[f"entropy_{name}"] += entropy[sel].sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if math.isfinite(total) and torch.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            skipped = 1
+            optimizer.zero_grad(set_to_none=True)
+            break
+    metrics = {"loss": total, "grad_norm": grad_norm.item(), "skipped": skipped}
+    for role, name in ((REASONING, "reason"), (TOOL, "tool")):
+        count = (mask & (target_roles == role)).sum().item()
+        metrics[f"tokens_{name}"] = count
+        for key in ("loss", "kl", "entropy"):
+            metrics[f"{key}_{name}"] = sums[f"{key}_{name}"] / max(count * cfg.updates_per_batch, 1)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# 7. Training loop, evaluation, checkpoints, report
+
+
+@torch.no_grad()
+def evaluate(policy, registry, tasks, cfg, batch_size=256):
+    """Greedy accuracy on `tasks`, per family, with tool-call statistics."""
+    correct, calls, invalid = [], [], []
+    for start in tqdm(range(0, len(tasks), batch_size), desc="eval", leave=False):
+        chunk = tasks[start:start + batch_size]
+        out = rollout(policy, registry, [prompt_ids(policy.tok, t.question) for t in chunk], cfg, temperature=0)
+        correct += [toy_tasks.reward(text, t) == 1.0 for text, t in zip(out.texts, chunk)]
+        calls += out.tool_calls
+        invalid += out.invalid_calls
+    metrics = {"test_acc": float(np.mean(correct))}
+    for family in toy_tasks.FAMILIES:
+        metrics[f"test_acc_{family}"] = float(np.mean([c for c, t in zip(correct, tasks) if t.family == family]))
+    metrics["test_tool_calls"] = float(np.mean(calls))
+    metrics["test_valid_calls"] = 1 - sum(invalid) / max(sum(calls) + sum(invalid), 1)
+    return metrics
+
+
+def step_seed(seed, step):
+    """Every random choice of a step derives from (seed, step): a resumed run replays exactly."""
+    return seed * 1_000_003 + step
+
+
+def rl_step(policy, optimizer, registry, world, cfg, step):
+    """Sample a batch of train questions, roll out G answers each, score, update."""
+    rng = random.Random(step_seed(cfg.seed, step))
+    torch.manual_seed(step_seed(cfg.seed, step))  # LoRA dropout
+    generator = torch.Generator(policy.device).manual_seed(step_seed(cfg.seed, step))
+    tasks = [toy_tasks.sample_task(rng, world, "train") for _ in range(cfg.questions_per_step)]
+    prompts = [prompt_ids(policy.tok, t.question) for t in tasks for _ in range(cfg.group_size)]
+    started = time.perf_counter()
+    batch = rollout(policy, registry, prompts, cfg, cfg.temperature, generator)
+    rollout_seconds = time.perf_counter() - started
+    rewards = torch.tensor([toy_tasks.reward(text, tasks[i // cfg.group_size], cfg.format_bonus)
+                            for i, text in enumerate(batch.texts)]).view(len(tasks), cfg.group_size)
+    advantages = group_advantages(rewards, cfg.scale_std).flatten().to(policy.device)
+    started = time.perf_counter()
+    metrics = grpo_update(policy, optimizer, batch, advantages, cfg)
+    update_seconds = time.perf_counter() - started
+    metrics.update(reward=rewards.mean().item(),
+                   accuracy=(rewards == 1).float().mean().item(),
+                   tool_calls=float(np.mean(batch.tool_calls)),
+                   invalid_calls=float(np.mean(batch.invalid_calls)),
+                   response_tokens=batch.attention_mask[:, batch.prompt_len:].sum(-1).float().mean().item(),
+                   zero_variance_groups=(rewards.std(-1) == 0).float().mean().item())
+    speed = {"rollout_s": rollout_seconds, "update_s": update_seconds,
+             "sampled_tok_per_s": batch.attention_mask[:, batch.prompt_len:].sum().item() / rollout_seconds,
+             "trained_tok_per_s": (metrics["tokens_reason"] + metrics["tokens_tool"]) / update_seconds}
+    return metrics, speed
+
+
+def atomic_write(path, write):
+    """Write to a temporary file and rename: a run killed mid-write keeps the previous file."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir, policy, optimizer, cfg, step):
+    from safetensors.torch import save_file
+    state = adapter_state(policy.model)
+    atomic_write(os.path.join(run_dir, "checkpoint.pt"), lambda p: torch.save(
+        {"step": step, "adapters": state, "optimizer": optimizer.state_dict()}, p))
+    metadata = {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg))}
+    atomic_write(os.path.join(run_dir, "adapters.safetensors"), lambda p: save_file(state, p, metadata=metadata))
+
+
+def load_checkpoint(run_dir, policy, optimizer):
+    """Restore adapters and optimizer; returns the step to continue from (0 without a checkpoint)."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        return 0
+    try:
+        state = torch.load(path, map_location=policy.device, weights_only=True)
+        policy.model.load_state_dict(state["adapters"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as e:  # any failure here means the file is not a checkpoint of this run
+        sys.exit(f"error: cannot resume from {path} ({type(e).__name__}: {str(e)[:200]}). Delete that file "
+                 f"to restart the run from step 0, or resume with the settings it was made with.")
+    return state["step"]
+
+
+def load_adapters(path, policy):
+    """Load adapters.safetensors (a finished run's output) into a policy built with the same config."""
+    from safetensors.torch import load_file
+    policy.model.load_state_dict({k: v.to(policy.device) for k, v in load_file(path).items()}, strict=False)
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def saved_config(run_dir):
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        sys.exit(f"error: {run_dir} is not a run directory (no config.json in it). Pass --resume the "
+                 f"folder a previous run printed, e.g. runs/<time>-dart-s0.")
+    with open(path) as f:
+        return Config(**json.load(f))
+
+
+def prepare_run_dir(cfg):
+    if not cfg.out:
+        cfg.out = os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.mode}-s{cfg.seed}")
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    return cfg.out
+
+
+def train(cfg, quiet=False):
+    """The whole RL run. Returns the run directory, which holds config.json, metrics.jsonl (one
+    JSON object per step; eval results on eval steps), speed.jsonl, checkpoint.pt,
+    adapters.safetensors and results.md."""
+    if cfg.temperature <= 0:
+        sys.exit("error: --temperature must be > 0 for training (log-probs are taken at it)")
+    run_dir = prepare_run_dir(cfg)
+    policy = load_policy(cfg)
+    world = toy_tasks.make_world()
+    registry = tools.registry(world.kb)
+    test = toy_tasks.test_set(world, cfg.eval_per_family)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start = load_checkpoint(run_dir, policy, optimizer) if cfg.resume else 0
+    history = [r for r in read_metrics(run_dir) if r["step"] < start]
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:  # drop steps after the checkpoint
+        f.writelines(json.dumps(r) + "\n" for r in history)
+    bar = tqdm(range(start, cfg.steps + 1), desc=f"RL {cfg.mode}", initial=start, total=cfg.steps + 1,
+               disable=quiet)
+    for step in bar:
+        record = {"step": step}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            record.update(evaluate(policy, registry, test, cfg))
+            bar.set_description(f"RL {cfg.mode} (test acc {record['test_acc']:.0%})")
+        if step < cfg.steps:
+            metrics, speed = rl_step(policy, optimizer, registry, world, cfg, step)
+            record.update(metrics)
+            with open(os.path.join(run_dir, "speed.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **speed}) + "\n")
+            bar.set_postfix(reward=f"{metrics['reward']:.2f}", tool_calls=f"{metrics['tool_calls']:.1f}")
+        history.append(record)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if step < cfg.steps and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(run_dir, policy, optimizer, cfg, step + 1)
+    if not quiet:
+        report(run_dir, history, policy, registry, test, cfg)
+    return run_dir
+
+
+# ---- what the user sees at the end ----
+
+COLOURS = {"reasoning": "\033[36m", "tool": "\033[33m", "observation": "\033[2m"}
+RESET = "\033[0m"
+
+
+def sparkline(values, width=60):
+    if not values:
+        return ""
+    chunks = np.array_split(np.asarray(values, dtype=float), min(width, len(values)))
+    means = [c.mean() for c in chunks]
+    lo, hi = min(means), max(means)
+    bars = "▁▂▃▄▅▆▇█"
+    return "".join(bars[int((m - lo) / (hi - lo + 1e-9) * (len(bars) - 1))] for m in means)
+
+
+def results_table(base, final):
+    rows = [("task family", "base", "trained")]
+    for family in toy_tasks.FAMILIES + ("overall",):
+        key = "test_acc" if family == "overall" else f"test_acc_{family}"
+        rows.append((family, f"{base[key]:.0%}", f"{final[key]:.0%}"))
+    rows.append(("tool calls / question", f"{base['test_tool_calls']:.2f}", f"{final['test_tool_calls']:.2f}"))
+    rows.append(("valid tool calls", f"{base['test_valid_calls']:.0%}", f"{final['test_valid_calls']:.0%}"))
+    lines = [f"| {a:<22} | {b:>7} | {c:>7} |" for a, b, c in rows]
+    lines.insert(1, f"|{'-' * 24}|{'-' * 8}:|{'-' * 8}:|")
+    return "\n".join(lines)
+
+
+def render_trajectory(policy, batch, row, colour):
+    """One response with every token marked by who wrote it: the reasoning adapter, the tool
+    adapter, or the environment (observations)."""
+    response = batch.ids[row, batch.prompt_len:]
+    roles = batch.roles[row, batch.prompt_len - 1:-1]
+    pieces = []
+    for j, token in enumerate(response.tolist()):
+        if not batch.attention_mask[row, batch.prompt_len + j]:
+            break
+        writer = "observation" if not batch.sampled[row, j] else ("tool" if roles[j] == TOOL else "reasoning")
+        text = policy.tok.decode([token])
+        pieces.append(f"{COLOURS[writer]}{text}{RESET}" if colour else text)
+    return "".join(pieces)
+
+
+def report(run_dir, history, policy, registry, test, cfg):
+    evals = [r for r in history if "test_acc" in r]
+    base, final = evals[0], evals[-1]
+    table = results_table(base, final)
+    curve = sparkline([r["reward"] for r in history if "reward" in r])
+    with open(os.path.join(run_dir, "results.md"), "w") as f:
+        f.write(f"# {cfg.mode}, {cfg.steps} RL steps, seed {cfg.seed}, model {cfg.model}\n\n{table}\n\n"
+                f"train reward per step: {curve}\n")
+    example = next(t for t in test if t.family == "multihop")
+    batch = rollout(policy, registry, [prompt_ids(policy.tok, example.question)], cfg, temperature=0)
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    legend = " ".join(f"{COLOURS[w]}{w}{RESET}" if colour else w for w in COLOURS)
+    print(f"\n{table}\n\ntrain reward  {curve}\n")
+    print(f"a test question, answered greedily ({legend}):\n  {example.question}\n  "
+          f"{render_trajectory(policy, batch, 0, colour)}\n  gold: {example.answer}\n")
+    print(f"run directory: {run_dir}")
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    if cfg.resume:
+        cfg = parse_args(argv, defaults=saved_config(cfg.resume))
+        cfg.out = cfg.resume
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
