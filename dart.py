@@ -104,15 +104,16 @@ CHOICES = {"mode": MODES, "loss_agg": ("token_mean", "seq_mean", "dr_grpo"),
            "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", "float32", "bfloat16")}
 
 
-def parse_args(argv, defaults=None):
-    """--key=value overrides of Config; anything unknown or mistyped stops with the valid keys."""
+def parse_args(argv, defaults=None, usage=__doc__):
+    """--key=value overrides of a config dataclass (Config by default); anything unknown or
+    mistyped stops with one sentence naming the valid keys."""
     cfg = defaults or Config()
-    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    kinds = {f.name: f.type for f in dataclasses.fields(cfg)}
     valid = ", ".join(f"--{name}" for name in kinds)
     for arg in argv:
         if arg in ("-h", "--help"):
-            sys.exit(__doc__ + "\noptions (default):\n" + "\n".join(
-                f"  --{f.name}={getattr(Config(), f.name)}" for f in dataclasses.fields(Config)))
+            sys.exit(usage + "\noptions (default):\n" + "\n".join(
+                f"  --{name}={getattr(type(cfg)(), name)}" for name in kinds))
         key, has_value, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or key not in kinds:
             sys.exit(f"error: unknown option {arg!r}. Valid options: {valid}")
@@ -384,7 +385,7 @@ def observation_ids(tok, special, text, max_tokens):
     return [special.obs] + tok.encode(text, add_special_tokens=False)[:max_tokens] + [special.obs_end]
 
 
-def trajectory_ids(tok, special, trajectory, max_obs_tokens):
+def trajectory_ids(tok, special, trajectory, max_obs_tokens=None):
     """A written-out trajectory as (token ids, written-by-policy mask): the observations are
     tokenized by observation_ids, exactly as the environment would insert them."""
     ids, policy = [], []
@@ -406,7 +407,6 @@ def base_key(cfg):
     """What the tiny base depends on: its base_* settings and the task world."""
     world = toy_tasks.make_world()
     key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("base_")}
-    key["max_obs_tokens"] = cfg.max_obs_tokens
     key["world"] = hashlib.sha256(json.dumps(world.kb, sort_keys=True).encode()).hexdigest()[:12]
     key["tasks"] = toy_tasks.tokenizer_corpus(world, n=20)
     return key
@@ -456,7 +456,7 @@ def warm_start(cfg):
         for _ in range(cfg.base_batch):
             task = toy_tasks.sample_task(rng, world, "train")
             prompt = prompt_ids(tok, task.question)
-            ids, policy = trajectory_ids(tok, special, toy_tasks.demonstration(rng, task), cfg.max_obs_tokens)
+            ids, policy = trajectory_ids(tok, special, toy_tasks.demonstration(rng, task))
             rows.append((prompt + ids, [0] * len(prompt) + policy))
         width = max(len(ids) for ids, _ in rows)
         ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r, _ in rows])
@@ -784,11 +784,11 @@ def evaluate(policy, registry, tasks, cfg, batch_size=256):
         correct += [toy_tasks.reward(text, t) == 1.0 for text, t in zip(out.texts, chunk)]
         calls += out.tool_calls
         invalid += out.invalid_calls
-    metrics = {"test_acc": float(np.mean(correct))}
-    for family in toy_tasks.FAMILIES:
-        metrics[f"test_acc_{family}"] = float(np.mean([c for c, t in zip(correct, tasks) if t.family == family]))
-    metrics["test_tool_calls"] = float(np.mean(calls))
-    metrics["test_valid_calls"] = 1 - sum(invalid) / max(sum(calls) + sum(invalid), 1)
+    metrics = {"acc": float(np.mean(correct))}
+    for family in sorted({t.family for t in tasks}):
+        metrics[f"acc_{family}"] = float(np.mean([c for c, t in zip(correct, tasks) if t.family == family]))
+    metrics["tool_calls"] = float(np.mean(calls))
+    metrics["valid_calls"] = 1 - sum(invalid) / max(sum(calls) + sum(invalid), 1)
     return metrics
 
 
@@ -888,7 +888,7 @@ def prepare_run_dir(cfg):
     return cfg.out
 
 
-def train(cfg, quiet=False):
+def train(cfg, report=True):
     """The whole RL run. Returns the run directory, which holds config.json, metrics.jsonl (one
     JSON object per step; eval results on eval steps), speed.jsonl, checkpoint.pt,
     adapters.safetensors and results.md."""
@@ -905,12 +905,11 @@ def train(cfg, quiet=False):
     history = [r for r in read_metrics(run_dir) if r["step"] < start]
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:  # drop steps after the checkpoint
         f.writelines(json.dumps(r) + "\n" for r in history)
-    bar = tqdm(range(start, cfg.steps + 1), desc=f"RL {cfg.mode}", initial=start, total=cfg.steps + 1,
-               disable=quiet)
+    bar = tqdm(range(start, cfg.steps + 1), desc=f"RL {cfg.mode}", initial=start, total=cfg.steps + 1)
     for step in bar:
         record = {"step": step}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            record.update(evaluate(policy, registry, test, cfg))
+            record.update({f"test_{k}": v for k, v in evaluate(policy, registry, test, cfg).items()})
             bar.set_description(f"RL {cfg.mode} (test acc {record['test_acc']:.0%})")
         if step < cfg.steps:
             metrics, speed = rl_step(policy, optimizer, registry, world, cfg, step)
@@ -923,8 +922,9 @@ def train(cfg, quiet=False):
             f.write(json.dumps(record) + "\n")
         if step < cfg.steps and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(run_dir, policy, optimizer, cfg, step + 1)
-    if not quiet:
-        report(run_dir, history, policy, registry, test, cfg)
+    table, curve = write_results(run_dir, history, cfg)
+    if report:
+        print_report(run_dir, table, curve, policy, registry, test, cfg)
     return run_dir
 
 
@@ -971,14 +971,18 @@ def render_trajectory(policy, batch, row, colour):
     return "".join(pieces)
 
 
-def report(run_dir, history, policy, registry, test, cfg):
+def write_results(run_dir, history, cfg):
+    """results.md: base vs trained on the test split, and the reward curve."""
     evals = [r for r in history if "test_acc" in r]
-    base, final = evals[0], evals[-1]
-    table = results_table(base, final)
+    table = results_table(evals[0], evals[-1])
     curve = sparkline([r["reward"] for r in history if "reward" in r])
     with open(os.path.join(run_dir, "results.md"), "w") as f:
         f.write(f"# {cfg.mode}, {cfg.steps} RL steps, seed {cfg.seed}, model {cfg.model}\n\n{table}\n\n"
                 f"train reward per step: {curve}\n")
+    return table, curve
+
+
+def print_report(run_dir, table, curve, policy, registry, test, cfg):
     example = next(t for t in test if t.family == "multihop")
     batch = rollout(policy, registry, [prompt_ids(policy.tok, example.question)], cfg, temperature=0)
     colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")

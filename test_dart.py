@@ -36,9 +36,9 @@ def cfg_factory(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
 
     def make(**overrides):
-        cfg = dart.Config(cache_dir=cache, base_dim=64, base_layers=2, base_heads=2, base_steps=150,
-                          base_batch=32, eval_per_family=4, eval_every=1000, save_every=1000,
-                          questions_per_step=4, group_size=4, max_new_tokens=48)
+        # the default model with a shorter warm start (half the batch): about a minute to build
+        cfg = dart.Config(cache_dir=cache, base_batch=16, eval_per_family=4, eval_every=1000, save_every=1000,
+                          questions_per_step=4, group_size=4, max_new_tokens=64)
         for key, value in overrides.items():
             setattr(cfg, key, value)
         return cfg
@@ -460,8 +460,8 @@ def test_engine_eos_carries_loss(scripted):
 
 
 @pytest.mark.parametrize("script, error", [
-    ("<calc>1+<lookup>x</lookup><answer>1</answer>", "error: a tool call cannot contain another"),
-    ("<calc>" + "1" * 40 + "</calc><answer>1</answer>", "error: tool call longer than 24 tokens"),
+    ("<calc>1+<lookup><answer>1</answer>", "error: a tool call cannot contain another"),
+    ("<calc>" + "1" * 40 + "<answer>1</answer>", "error: tool call longer than 24 tokens"),  # unclosed
     ("<calc></calc><answer>1</answer>", "error: empty tool call"),
     ("<calc>   </calc><answer>1</answer>", "error: empty tool call"),
     ("</calc><answer>1</answer>", "error: closing tag without an open call"),
@@ -481,9 +481,9 @@ def test_unknown_tool_is_an_error_observation(scripted):
 
 
 def test_tool_call_limit(scripted):
-    out, policy = scripted(["<calc>1+1</calc>" * 6 + "<answer>2</answer>"], max_tool_calls=4)
-    assert out.tool_calls == [4] and out.invalid_calls == [2]
-    assert observations(out.texts[0]) == ["2"] * 4 + [as_observed(policy, "error: at most 4 tool calls")] * 2
+    out, policy = scripted(["<calc>1+1</calc>" * 4 + "<calc><answer>2</answer>"], max_tool_calls=4)
+    assert out.tool_calls == [4] and out.invalid_calls == [1]  # the fifth call is refused at its opening tag
+    assert observations(out.texts[0]) == ["2"] * 4 + [as_observed(policy, "error: at most 4 tool calls")]
 
 
 @pytest.mark.parametrize("mode", ["dart", "joint", "two_agent", "mixlora"])
@@ -518,3 +518,120 @@ def test_rollout_respects_its_limits(make_policy):
             rest = tokens[start + 1:]
             length = rest.index(policy.special.obs_end) if policy.special.obs_end in rest else len(rest)
             assert length <= cfg.max_obs_tokens and not any(by_policy[start:start + length + 2])
+
+
+# ---------------------------------------------------------------------------
+# end to end
+
+
+def test_short_run_learns(cfg_factory, tmp_path):
+    """Ten GRPO steps raise greedy accuracy on (held-out samples of) the train split."""
+    cfg = cfg_factory(steps=10, questions_per_step=8, group_size=8, out=str(tmp_path / "run"))
+    run_dir = dart.train(cfg, report=False)
+    policy = dart.load_policy(cfg)
+    rng = random.Random(7)
+    probe = [toy_tasks.sample_task(rng, WORLD, "train") for _ in range(96)]
+    before = dart.evaluate(policy, REGISTRY, probe, cfg)
+    dart.load_adapters(os.path.join(run_dir, "adapters.safetensors"), policy)
+    after = dart.evaluate(policy, REGISTRY, probe, cfg)
+    assert after["acc"] >= before["acc"] + 0.1, (before, after)
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == list(range(11)) and "test_acc" in records[0] and "test_acc" in records[-1]
+
+
+# ---------------------------------------------------------------------------
+# LEAS
+
+import leas  # noqa: E402  (after the dart fixtures it uses)
+
+
+def planted_effects(questions, rng):
+    return rng.normal(0, 1, size=(6, questions))
+
+
+def test_fit_effects_recovers_planted_lambdas_exactly_without_noise():
+    rng = np.random.default_rng(0)
+    lambdas = planted_effects(50, rng)
+    X = leas.design_matrix()
+    fitted, residuals = leas.fit_effects(X, X @ lambdas)
+    assert np.allclose(fitted, lambdas, atol=1e-10) and np.allclose(residuals, 0, atol=1e-10)
+    stacked = leas.design_matrix(leas.VARIANTS * 3)  # three seeds: overdetermined, still exact
+    assert np.allclose(leas.fit_effects(stacked, stacked @ lambdas)[0], lambdas, atol=1e-10)
+
+
+def test_fit_effects_recovers_planted_lambdas_from_sampled_successes():
+    """Binomial successes (N = 400 per variant and seed, 3 seeds) through the smoothed logit:
+    each fitted lambda within 0.25 of the planted one for 95% of questions, lambda23's sign
+    right whenever |lambda23| > 0.5."""
+    rng = np.random.default_rng(1)
+    lambdas = planted_effects(300, rng) * 0.6
+    X = leas.design_matrix(leas.VARIANTS * 3)
+    successes = rng.binomial(400, 1 / (1 + np.exp(-(X @ lambdas))))
+    fitted, residuals = leas.fit_effects(X, leas.smoothed_logit(successes, 400))
+    assert np.quantile(np.abs(fitted - lambdas), 0.95) < 0.25
+    clear = np.abs(lambdas[5]) > 0.5
+    assert np.all(np.sign(fitted[5][clear]) == np.sign(lambdas[5][clear]))
+    assert np.abs(residuals).max() > 0  # overdetermined with noise: residuals are reported
+
+
+def test_lambda23_closed_form():
+    rng = np.random.default_rng(2)
+    Z = rng.normal(size=(6, 20))
+    fitted, _ = leas.fit_effects(leas.design_matrix(), Z)
+    z = dict(zip(leas.VARIANTS, Z))
+    assert np.allclose(fitted[5], z["M_Unified"] - z["M_Tool"] - z["M_Reas"] + z["Base"])
+
+
+def test_smoothed_logit_is_finite_and_symmetric():
+    z = leas.smoothed_logit(np.array([0, 8, 16]), 16)
+    assert np.all(np.isfinite(z)) and z[1] == 0 and np.isclose(z[0], -z[2])
+
+
+def test_hybrids_place_adapters_in_role_blocks(make_policy):
+    policy, cfg = make_policy("dart")
+    base, _ = dart.tiny_base(cfg)
+    shapes = {n: p[: cfg.rank].shape if n.endswith("lora_A") else p[:, : cfg.rank].shape
+              for n, p in policy.model.named_parameters() if p.requires_grad}
+    torch.manual_seed(1)
+    states = {(m, 0): {n: torch.randn(s) * 0.05 for n, s in shapes.items()} for m in leas.TRAINED}
+    ids, attention, position, roles = batch_of(policy, n=2)
+    with torch.no_grad():
+        bare = base(input_ids=ids, attention_mask=attention, position_ids=position).logits
+        leas.place(policy, states, "Base", 0)
+        assert torch.equal(dart.forward(policy, ids, attention, position, roles), bare)
+        leas.place(policy, states, "H_Tool", 0)
+        hybrid = dart.forward(policy, ids, attention, position, roles)
+    # before the first tool position nothing the tool adapter wrote is visible: the base speaks
+    untouched = (roles.cumsum(-1) == 0) & attention.bool()
+    assert torch.allclose(hybrid[untouched], bare[untouched], atol=1e-5)
+    assert not torch.allclose(hybrid[roles == dart.TOOL], bare[roles == dart.TOOL], atol=1e-3)
+
+
+def test_role_gradients_add_up_to_the_full_gradient(make_policy):
+    policy, cfg = make_policy("joint", randomize=0.01)
+    _, prompts = prompts_for(policy, 16, seed=5)
+    batch = dart.rollout(policy, REGISTRY, prompts, cfg, 1.0, torch.Generator().manual_seed(0))
+    mask, roles = dart.loss_mask(batch, policy.special, "joint")
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    row = int(torch.argmax((mask & (roles == dart.TOOL)).sum(-1)))
+    assert (mask[row] & (roles[row] == dart.TOOL)).any()
+    g_reason, g_tool = leas.role_gradients(policy, batch, row, mask, roles, params)
+    logp, _ = dart.response_logprobs(policy, batch.ids[row:row + 1], batch.attention_mask[row:row + 1],
+                                     batch.prompt_len, 1.0)
+    full = torch.autograd.grad(-(logp[0] * mask[row]).sum() / mask[row].sum(), params)
+    for a, b, c in zip(g_reason, g_tool, full):
+        assert torch.allclose(a + b, c, atol=1e-6)
+
+
+def test_leas_end_to_end_writes_its_report(cfg_factory, tmp_path, capsys):
+    cfg = cfg_factory(steps=2, questions_per_step=2, group_size=4)
+    lcfg = leas.LeasConfig(runs=str(tmp_path / "leas"), samples=2, per_family=2, grad_questions=4,
+                           grad_rollouts=4, bootstrap=50)
+    report = leas.run(cfg, lcfg)
+    saved = json.load(open(tmp_path / "leas" / "leas.json"))
+    assert set(saved["effects"]) == set(leas.EFFECTS) and saved["kept"] + len(saved["dropped"]) == 8
+    assert saved["gradients"]["trajectories"] >= 2 and report["kept"] == saved["kept"]
+    printed = capsys.readouterr().out
+    assert "lambda23" in printed and "reasoning vs tool" in printed
+    leas.run(cfg, lcfg)  # a second run reuses the three trained variants
+    assert printed.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 3

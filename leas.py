@@ -1,0 +1,358 @@
+"""
+LEAS: do reasoning and tool use interfere when trained together, and by how much?
+
+The paper's diagnostic half (DESIGN.md section 7), on the same tiny world as dart.py:
+
+    1. train three adapters with dart.py's own loop: reason_only (M_Reas), tool_only
+       (M_Tool) and joint (M_Unified), same seed, steps and hyperparameters;
+    2. build two hybrids for free by loading adapters into the DART layer's role blocks:
+       H_Tool (base writes reasoning, M_Tool writes tool tokens), H_Reas (the other way);
+    3. sample N answers per test question from each of the six variants;
+    4. per question, fit z = X lambda by least squares, z = logit of the smoothed success
+       rate, X the 6-column indicator matrix below: lambda23 < 0 means that optimizing
+       reasoning and tool use in the same parameters hurt (interference), > 0 helped;
+    5. gradient directions: under the joint adapter, the policy gradient of a trajectory's
+       reasoning tokens versus that of its tool tokens (the paper: nearly orthogonal).
+
+    python leas.py                 # all of it, about 15 minutes on a laptop CPU
+    python leas.py grad            # only the gradient-direction analysis
+    python leas.py --seeds=3       # three seeds per variant: an overdetermined fit
+    python leas.py --runs=DIR --steps=40 --samples=8
+
+Options are this file's LeasConfig and any of dart.py's Config (training knobs).
+"""
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dart
+import toy_tasks
+import tools
+
+
+@dataclass
+class LeasConfig:
+    runs: str = "runs/leas"      # where the variants are trained, or reused if already there
+    seeds: int = 1               # K seeds per trained variant; K > 1 stacks rows (overdetermined)
+    samples: int = 16            # N answers per test question per variant
+    per_family: int = 25         # test questions per task family
+    temperature: float = 1.0
+    bootstrap: int = 2000        # resamples of questions for the 95% intervals
+    grad_questions: int = 8      # gradient analysis: questions ...
+    grad_rollouts: int = 8       # ... and rollouts of each
+
+
+# -----------------------------------------------------------------------------
+# The attribution model (pure numpy: copy it anywhere)
+
+VARIANTS = ("Base", "M_Reas", "M_Tool", "M_Unified", "H_Tool", "H_Reas")
+EFFECTS = ("lambda1", "lambda2", "lambda3", "lambda12", "lambda13", "lambda23")
+# indicators: x1 base, x2 tool optimized, x3 reasoning optimized, x_ij = 1 iff capabilities i
+# and j were optimized jointly in the same parameters
+INDICATORS = {
+    "Base":      (1, 0, 0, 0, 0, 0),
+    "M_Reas":    (1, 0, 1, 0, 1, 0),
+    "M_Tool":    (1, 1, 0, 1, 0, 0),
+    "M_Unified": (1, 1, 1, 1, 1, 1),
+    "H_Tool":    (1, 1, 0, 0, 0, 0),
+    "H_Reas":    (1, 0, 1, 0, 0, 0),
+}
+
+
+def design_matrix(variants=VARIANTS):
+    """X with one row per variant (in the given order, repeats allowed) and the six effect columns."""
+    return np.array([INDICATORS[v] for v in variants], dtype=float)
+
+
+def smoothed_logit(successes, samples):
+    """z = logit((k + 0.5) / (N + 1)): finite even when k = 0 or k = N."""
+    s = (np.asarray(successes, dtype=float) + 0.5) / (samples + 1)
+    return np.log(s / (1 - s))
+
+
+def fit_effects(X, Z):
+    """Least squares for every question at once: X (rows, 6), Z (rows, questions) ->
+    lambdas (6, questions) and residuals (rows, questions). Exact with the six variants;
+    with several seeds stacked the rows outnumber the effects and residuals are nonzero."""
+    lambdas, *_ = np.linalg.lstsq(X, Z, rcond=None)
+    return lambdas, Z - X @ lambdas
+
+
+def bootstrap_interval(values, resamples, rng, statistic=np.mean):
+    idx = rng.integers(0, len(values), size=(resamples, len(values)))
+    stats = statistic(values[idx], axis=1)
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+# -----------------------------------------------------------------------------
+# Variants: three trained adapters, six ways to place them in the DART layer's blocks
+
+# variant -> (adapter in the reasoning block, adapter in the tool block); None = zeros
+BLOCKS = {
+    "Base":      (None, None),
+    "M_Reas":    ("reason_only", "reason_only"),
+    "M_Tool":    ("tool_only", "tool_only"),
+    "M_Unified": ("joint", "joint"),
+    "H_Tool":    (None, "tool_only"),
+    "H_Reas":    ("reason_only", None),
+}
+TRAINED = ("reason_only", "tool_only", "joint")
+
+
+def finished(run):
+    """A run in run.out with the same settings that reached its last step."""
+    from safetensors import safe_open
+    path = os.path.join(run.out, "adapters.safetensors")
+    if not os.path.exists(path):
+        return False
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["config"])
+    same = {k: v for k, v in saved.items() if k not in ("out", "resume")} == \
+           {k: v for k, v in dataclasses.asdict(run).items() if k not in ("out", "resume")}
+    return same and int(meta["step"]) == run.steps
+
+
+def train_variants(cfg, lcfg, modes=TRAINED):
+    """Adapters of every trained variant and seed: {(mode, seed): state}."""
+    from safetensors.torch import load_file
+    states = {}
+    for seed in range(lcfg.seeds):
+        for mode in modes:
+            run = dataclasses.replace(cfg, mode=mode, seed=seed, out=os.path.join(lcfg.runs, f"{mode}-s{seed}"))
+            if finished(run):
+                print(f"reusing {run.out}")
+            else:
+                dart.train(run, report=False)
+            states[mode, seed] = load_file(os.path.join(run.out, "adapters.safetensors"))
+    return states
+
+
+def place(policy, states, variant, seed):
+    """Load a variant into a dart-mode policy: each block gets a trained adapter or zeros."""
+    any_state = next(iter(states.values()))
+    for block, mode in enumerate(BLOCKS[variant]):
+        state = states[mode, seed] if mode else {k: torch.zeros_like(v) for k, v in any_state.items()}
+        dart.load_adapter_block(policy.model, state, block, policy.routing.rank)
+
+
+# -----------------------------------------------------------------------------
+# Sampling and the report
+
+
+def success_counts(policy, registry, tasks, cfg, lcfg, seed, batch_rows=256):
+    """k per task: how many of N sampled answers are right."""
+    prompts = [dart.prompt_ids(policy.tok, t.question) for t in tasks for _ in range(lcfg.samples)]
+    generator = torch.Generator(policy.device).manual_seed(seed)
+    rewards = []
+    for start in range(0, len(prompts), batch_rows):
+        out = dart.rollout(policy, registry, prompts[start:start + batch_rows], cfg, lcfg.temperature, generator)
+        rewards += [toy_tasks.reward(text, tasks[(start + i) // lcfg.samples]) for i, text in enumerate(out.texts)]
+    return np.array(rewards).reshape(len(tasks), lcfg.samples).sum(1)
+
+
+def attribute(counts, tasks, lcfg):
+    """counts: {(variant, seed): k per task} -> the report dictionary."""
+    rows = [(v, s) for s in range(lcfg.seeds) for v in VARIANTS]
+    K = np.stack([counts[r] for r in rows])                     # (rows, questions)
+    kept = K.max(0) > 0                                         # some variant solved it at least once
+    X = design_matrix([v for v, _ in rows])
+    lambdas, residuals = fit_effects(X, smoothed_logit(K[:, kept], lcfg.samples))
+    rng = np.random.default_rng(0)
+    families = np.array([t.family for t in tasks])[kept]
+    summary = {}
+    for name, values in zip(EFFECTS, lambdas):
+        summary[name] = {"mean": float(values.mean()), "median": float(np.median(values)),
+                         "ci95": bootstrap_interval(values, lcfg.bootstrap, rng)}
+    l23 = lambdas[EFFECTS.index("lambda23")]
+    shares = {}
+    for family in ("all",) + toy_tasks.FAMILIES:
+        sel = l23 if family == "all" else l23[families == family]
+        if len(sel):  # |lambda23| below 1e-9 is rounding noise: neither interference nor synergy
+            shares[family] = (float((sel < -1e-9).mean()), float((sel > 1e-9).mean()), int(len(sel)))
+    kept_index = np.flatnonzero(kept)
+    return {
+        "effects": summary,
+        "interference_share_ci95": bootstrap_interval((l23 < -1e-9).astype(float), lcfg.bootstrap, rng),
+        "lambda23_shares": shares,  # (share < 0, share > 0, questions) per family
+        "success_rate": {v: float(np.mean([counts[v, s].mean() / lcfg.samples for s in range(lcfg.seeds)]))
+                         for v in VARIANTS},
+        "residual_rms": float(np.sqrt((residuals ** 2).mean())),
+        "dropped": [t.question for t, k in zip(tasks, kept) if not k],
+        "questions": [{"question": tasks[i].question, "family": tasks[i].family,
+                       "k": {f"{v}/s{s}": int(counts[v, s][i]) for v, s in rows},
+                       "lambda": dict(zip(EFFECTS, map(float, lambdas[:, j])))}
+                      for j, i in enumerate(kept_index)],
+        "kept": len(kept_index),
+    }
+
+
+def attribution_table(report, lcfg):
+    lines = [f"LEAS on {report['kept']} test questions ({len(report['dropped'])} dropped: no variant "
+             f"solved them), N={lcfg.samples} samples, {lcfg.seeds} seed(s), residual rms "
+             f"{report['residual_rms']:.3f}",
+             "", "success rate per variant: " + ", ".join(
+                 f"{v} {r:.0%}" for v, r in report["success_rate"].items()), "",
+             f"{'effect':<10} {'mean':>7} {'median':>7}   95% CI (bootstrap over questions)"]
+    for name, e in report["effects"].items():
+        mean, median, lo, hi = (f"{x:+.2f}".replace("-0.00", "+0.00") for x in (e["mean"], e["median"], *e["ci95"]))
+        lines.append(f"{name:<10} {mean:>7} {median:>7}   [{lo}, {hi}]")
+    lo, hi = report["interference_share_ci95"]
+    lines += ["", f"{'questions':<12} {'lambda23<0':>11} {'lambda23>0':>11} {'n':>5}   (< 0: interference)"]
+    for family, (neg, pos, n) in report["lambda23_shares"].items():
+        lines.append(f"{family:<12} {neg:>11.0%} {pos:>11.0%} {n:>5}")
+    lines.append(f"share with interference: {report['lambda23_shares']['all'][0]:.0%} "
+                 f"(95% CI {lo:.0%}-{hi:.0%}; paper: 62-67% in 3 of 4 settings)")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Gradient directions
+
+
+def role_gradients(policy, batch, row, mask, roles, params):
+    """The policy gradient of one trajectory's reasoning tokens and of its tool tokens: each the
+    gradient of -sum(log pi) over that role's tokens / all its tokens, so the two add up to the
+    gradient of the trajectory's mean token loss (GRPO's loss divided by the trajectory's
+    advantage, which scales the direction and may flip its sign, never turns it)."""
+    logp, _ = dart.response_logprobs(policy, batch.ids[row:row + 1], batch.attention_mask[row:row + 1],
+                                     batch.prompt_len, 1.0)
+    total = mask[row].sum()
+    grads = []
+    for role in (dart.REASONING, dart.TOOL):
+        loss = -(logp[0] * (mask[row] & (roles[row] == role))).sum() / total
+        grads.append([torch.zeros_like(p) if g is None else g for g, p in zip(
+            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)])
+    return grads
+
+
+def layer_of(name):
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
+
+
+def cosines(vectors):
+    """Pairwise cosine similarities between rows."""
+    unit = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return unit @ unit.T
+
+
+def gradient_directions(policy, registry, cfg, lcfg, world):
+    """Reasoning vs tool gradient directions under the joint adapter, overall and per layer."""
+    rng = np.random.default_rng(0)
+    test = toy_tasks.test_set(world, lcfg.per_family)
+    tool_tasks = [t for t in test if t.family != "notool"]
+    tasks = [tool_tasks[i] for i in rng.choice(len(tool_tasks), lcfg.grad_questions, replace=False)]
+    prompts = [dart.prompt_ids(policy.tok, t.question) for t in tasks for _ in range(lcfg.grad_rollouts)]
+    batch = dart.rollout(policy, registry, prompts, cfg, lcfg.temperature, torch.Generator(policy.device).manual_seed(0))
+    named = [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    mask, roles = dart.loss_mask(batch, policy.special, "joint")
+    both = [r for r in range(len(prompts)) if (mask[r] & (roles[r] == dart.TOOL)).any()
+            and (mask[r] & (roles[r] == dart.REASONING)).any()]
+    per_reason, per_tool = [], []
+    for row in tqdm(both, desc="per-role gradients", leave=False):
+        g_reason, g_tool = role_gradients(policy, batch, row, mask, roles, params)
+        per_reason.append(g_reason)
+        per_tool.append(g_tool)
+    result = {"trajectories": len(both)}
+    if len(both) < 2:
+        return result
+    layers = sorted({layer_of(n) for n, _ in named})
+    for scope in ["all"] + layers:
+        keep = [i for i, (n, _) in enumerate(named) if scope == "all" or layer_of(n) == scope]
+        R = torch.stack([torch.cat([g[i].flatten() for i in keep]) for g in per_reason])
+        T = torch.stack([torch.cat([g[i].flatten() for i in keep]) for g in per_tool])
+        off_diagonal = ~torch.eye(len(both), dtype=torch.bool)
+        cross = torch.nn.functional.cosine_similarity(R, T, dim=1)
+        result[str(scope)] = {"cross_role_same_trajectory": cross.tolist(),
+                              "reasoning_between_trajectories": cosines(R)[off_diagonal].tolist(),
+                              "tool_between_trajectories": cosines(T)[off_diagonal].tolist()}
+    return result
+
+
+def angle(cos):
+    return float(np.degrees(np.arccos(np.clip(cos, -1, 1))))
+
+
+def histogram(values, bins=10, width=40):
+    counts, edges = np.histogram(values, bins=bins, range=(-1, 1))
+    top = max(counts.max(), 1)
+    return [f"  [{lo:+.1f},{hi:+.1f}) {'#' * int(round(c / top * width))} {c}"
+            for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+
+
+def gradient_table(result):
+    keys = ("cross_role_same_trajectory", "reasoning_between_trajectories", "tool_between_trajectories")
+    if result["trajectories"] < 2:
+        return (f"gradient directions: only {result['trajectories']} sampled trajectories used both roles; "
+                f"raise --grad_questions or --grad_rollouts")
+    lines = [f"gradient directions under M_Unified (joint adapter), {result['trajectories']} trajectories "
+             f"with both roles", "",
+             f"{'params':<8} {'reasoning vs tool':>22} {'reasoning vs reasoning':>24} {'tool vs tool':>22}",
+             f"{'':<8} {'(same trajectory)':>22} {'(other trajectories)':>24} {'(other trajectories)':>22}"]
+    for scope in [k for k in result if k != "trajectories"]:
+        means = [float(np.mean(result[scope][k])) for k in keys]
+        label = "all" if scope == "all" else f"layer {scope}"
+        lines.append(f"{label:<8} " + " ".join(f"{'':>6}{m:+.2f} ({angle(m):3.0f} deg)" for m in means))
+    lines += ["", "cosine, reasoning vs tool on the same trajectory:"] + histogram(result["all"][keys[0]])
+    lines += ["cosine, same role on different trajectories (both roles):"] + histogram(
+        result["all"][keys[1]] + result["all"][keys[2]])
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Putting it together
+
+
+def parse(argv):
+    """Split the flags between LeasConfig and dart.Config; 'grad' selects the gradient part."""
+    mine = {f.name for f in dataclasses.fields(LeasConfig)}
+    command = [a for a in argv if not a.startswith("-")]
+    if command not in ([], ["grad"]):
+        sys.exit(f"error: unknown command {' '.join(command)!r}; the only command is 'grad'")
+    flags = [a for a in argv if a.startswith("-")]
+    ours = [a for a in flags if a.removeprefix("--").partition("=")[0] in mine]
+    lcfg = dart.parse_args(ours, LeasConfig(), usage=__doc__)
+    cfg = dart.parse_args([a for a in flags if a not in ours], usage=__doc__)
+    if cfg.mode != "dart":
+        sys.exit("error: leas.py chooses the modes itself; drop --mode")
+    return cfg, lcfg, bool(command)
+
+
+def run(cfg, lcfg, grad_only=False):
+    os.makedirs(lcfg.runs, exist_ok=True)
+    world = toy_tasks.make_world()
+    registry = tools.registry(world.kb)
+    states = train_variants(cfg, lcfg, ("joint",) if grad_only else TRAINED)
+    policy = dart.load_policy(dataclasses.replace(cfg, mode="dart"))
+    report = {}
+    if not grad_only:
+        tasks = toy_tasks.test_set(world, lcfg.per_family)
+        counts = {}
+        for seed in range(lcfg.seeds):
+            for variant in tqdm(VARIANTS, desc=f"sampling {lcfg.samples} answers per question (seed {seed})"):
+                place(policy, states, variant, seed)
+                counts[variant, seed] = success_counts(policy, registry, tasks, cfg, lcfg, 1000 * seed + 7)
+        report = attribute(counts, tasks, lcfg)
+        print("\n" + attribution_table(report, lcfg))
+    joint = dart.load_policy(dataclasses.replace(cfg, mode="joint"))
+    dart.load_adapter_block(joint.model, states["joint", 0], 0, joint.routing.rank)
+    report["gradients"] = gradient_directions(joint, registry, cfg, lcfg, world)
+    print("\n" + gradient_table(report["gradients"]))
+    report["config"] = {"leas": dataclasses.asdict(lcfg), "train": dataclasses.asdict(cfg)}
+    path = os.path.join(lcfg.runs, "leas_grad.json" if grad_only else "leas.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nreport: {path}")
+    return report
+
+
+if __name__ == "__main__":
+    run(*parse(sys.argv[1:]))
