@@ -14,7 +14,7 @@ token to exactly one of them. This file is the whole method, top to bottom:
     5. the rollout engine: batched, KV-cached sampling with tool calls in the middle
     6. GRPO: group advantages, clipped objective, KL to the adapters-off reference
     7. training loop, evaluation, checkpoints, report
-    8. --compare: every mode on the same budget, one table
+    8. --compare: every mode on the same budget, one table; --bench: what each mode costs
 
     python dart.py                        # tiny model, CPU-friendly, about 10 minutes
     python dart.py --mode=joint --steps=50
@@ -94,9 +94,10 @@ class Config:
     base_lr: float = 1e-3
     base_seed: int = 0
     cache_dir: str = "runs/cache"
-    # --compare: every mode, same budget
+    # --compare: every mode, same budget; --bench: the cost claims on one batch
     compare: bool = False
     seeds: int = 3
+    bench: bool = False
 
 
 MODES = ("joint", "joint2r", "dart", "reason_only", "tool_only", "mixlora", "two_agent")
@@ -123,7 +124,8 @@ def parse_args(argv, defaults=None, usage=__doc__):
         try:
             value = _parse_value(kind, text if has_value else "true")
         except ValueError:
-            sys.exit(f"error: --{key} takes a {kind.__name__}, not {text!r}")
+            sys.exit(f"error: --{key} expects a {kind.__name__} value like --{key}={getattr(type(cfg)(), key)}, "
+                     f"not {text!r}")
         if key in CHOICES and value not in CHOICES[key]:
             sys.exit(f"error: --{key} must be one of {', '.join(CHOICES[key])}, not {value!r}")
         setattr(cfg, key, value)
@@ -231,7 +233,7 @@ BLOCK_GATES = {
     "joint2r": ((0.5, 0.5), (0.5, 0.5)),
     "dart": ((1.0, 0.0), (0.0, 1.0)),
     "two_agent": ((1.0, 0.0), (0.0, 1.0)),  # each agent's forward sets every role to its own
-    "mixlora": ((0.5, 0.5), (0.5, 0.5)),    # unused: a learned router gates each token instead
+    "mixlora": ((0.5, 0.5), (0.5, 0.5)),    # two blocks; a learned router sets each token's gate
 }
 
 
@@ -255,14 +257,15 @@ class Routing:
 
 
 class DartLinear(nn.Module):
-    def __init__(self, base, routing, dropout, router):
+    def __init__(self, base, routing, dropout, router, generator):
         super().__init__()
         self.base = base
         self.routing = routing
         units = routing.blocks * routing.rank
-        self.lora_A = nn.Parameter(torch.empty(units, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, units, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT; B = 0 keeps y = W x
+        A = torch.empty(units, base.in_features)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # as nn.Linear and PEFT
+        self.lora_A = nn.Parameter(A.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, units, device=base.weight.device))  # y = W x
         self.dropout = nn.Dropout(dropout)
         # mixlora: a per-layer router makes soft gates over the blocks for every token
         self.router = nn.Linear(base.in_features, routing.blocks, bias=False, device=base.weight.device) if router else None
@@ -288,11 +291,13 @@ def attach_dart(model, cfg, device):
         p.requires_grad_(False)
     routing = Routing(cfg.mode, cfg.rank, cfg.alpha, device)
     targets = set(cfg.targets.split(","))
+    generator = torch.Generator().manual_seed(cfg.seed)  # A's initialization is part of the seed
     wrapped = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, DartLinear(child, routing, cfg.lora_dropout, cfg.mode == "mixlora"))
+                setattr(module, child_name, DartLinear(child, routing, cfg.lora_dropout, cfg.mode == "mixlora",
+                                                       generator))
                 wrapped += 1
     if wrapped == 0:
         sys.exit(f"error: no linear layer named any of --targets={cfg.targets} in this model")
@@ -300,7 +305,8 @@ def attach_dart(model, cfg, device):
 
 
 def adapter_state(model):
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """A copy of the trainable tensors (a copy: detach() alone would alias the live weights)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_adapter_block(model, state, block, rank):
@@ -314,6 +320,20 @@ def load_adapter_block(model, state, block, rank):
                 params[name][rows] = value
             elif name.endswith("lora_B"):
                 params[name][:, rows] = value
+
+
+@contextlib.contextmanager
+def lora_dropout_on(model):
+    """Dropout on the LoRA branch during the update only: sampling, the reference and evaluation
+    use the deterministic network, and the frozen base never drops anything."""
+    dropouts = [m.dropout for m in model.modules() if isinstance(m, DartLinear)]
+    for d in dropouts:
+        d.train()
+    try:
+        yield
+    finally:
+        for d in dropouts:
+            d.eval()
 
 
 @contextlib.contextmanager
@@ -431,20 +451,25 @@ def tiny_base(cfg):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
 
 
-def warm_start(cfg):
-    """Supervised training on gold trajectories, loss on the tokens the policy writes. Short on
-    purpose: the base should know the format but leave room for RL (the paper starts from an
-    instruct model, not from an expert)."""
+def new_tiny_model(cfg, tok):
+    """A randomly initialized Llama of the base_* size (a few M parameters)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    world = toy_tasks.make_world()
-    tok = build_tokenizer(cfg, world)
-    special = special_ids(tok)
-    torch.manual_seed(cfg.base_seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.base_dim, intermediate_size=3 * cfg.base_dim,
                          num_hidden_layers=cfg.base_layers, num_attention_heads=cfg.base_heads,
                          num_key_value_heads=cfg.base_heads, max_position_embeddings=512, tie_word_embeddings=True,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def warm_start(cfg):
+    """Supervised training on gold trajectories, loss on the tokens the policy writes. Short on
+    purpose: the base should know the format but leave room for RL (the paper starts from an
+    instruct model, not from an expert)."""
+    world = toy_tasks.make_world()
+    tok = build_tokenizer(cfg, world)
+    special = special_ids(tok)
+    torch.manual_seed(cfg.base_seed)
+    model = new_tiny_model(cfg, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.01)
     warmup = max(1, cfg.base_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * (
@@ -478,13 +503,16 @@ def hf_model(name):
     """Any HF causal LM; the tags become single tokens whose embeddings start as the mean of
     the embeddings of their text's ordinary pieces."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1  # hub ids are owner/name
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        sys.exit(f"error: --model={name} looks like a path but no such directory exists; pass a folder "
+                 f"with config.json and weights, or omit --model for the embedded tiny model.")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: --model={name} is neither a model directory nor a reachable hub model "
-                 f"({type(e).__name__}). Pass a folder with config.json and weights, or omit --model "
-                 f"for the embedded tiny model.")
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32)
+    except Exception as e:  # hub, network and format errors all mean the same thing to the user
+        sys.exit(f"error: cannot load --model={name} ({type(e).__name__}: {str(e).splitlines()[0][:150]}). "
+                 f"Pass a folder with config.json and weights, or omit --model for the embedded tiny model.")
     pieces = {tag: tok.encode(tag, add_special_tokens=False) for tag in TAGS}
     tok.add_tokens(TAGS, special_tokens=True)
     model.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -536,7 +564,7 @@ def forward(policy, ids, attention_mask, position_ids, roles, caches=None, logit
     each over the whole context with its own adapter, and takes each position's logits from
     the agent of its role."""
     routing = policy.routing
-    agents = (REASONING, TOOL) if routing.mode == "two_agent" else (None,)
+    agents = (REASONING, TOOL) if routing.mode == "two_agent" and routing.enabled else (None,)
     logits = []
     for i, agent in enumerate(agents):
         routing.route(roles if agent is None else torch.full_like(roles, agent))
@@ -718,6 +746,12 @@ def loss_mask(batch, special, mode):
     return batch.sampled, target_roles
 
 
+def make_optimizer(policy, cfg):
+    """AdamW over the adapters (and mixlora's routers) only; no weight decay, so an update
+    without signal changes nothing."""
+    return torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+
+
 def grpo_update(policy, optimizer, batch, advantages, cfg):
     """One GRPO update on a batch of rollouts; returns per-role metrics. A non-finite loss or
     gradient skips the step and leaves the adapters as they were."""
@@ -730,8 +764,9 @@ def grpo_update(policy, optimizer, batch, advantages, cfg):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for rows in torch.arange(len(batch.ids)).split(cfg.micro_batch):
-            logp, logp_all = response_logprobs(policy, batch.ids[rows], batch.attention_mask[rows],
-                                               batch.prompt_len, cfg.temperature)
+            with lora_dropout_on(policy.model):
+                logp, logp_all = response_logprobs(policy, batch.ids[rows], batch.attention_mask[rows],
+                                                   batch.prompt_len, cfg.temperature)
             ratio = torch.exp(logp - batch.logprobs[rows])
             adv = advantages[rows, None]
             per_token = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
@@ -792,6 +827,13 @@ def evaluate(policy, registry, tasks, cfg, batch_size=256):
     return metrics
 
 
+def clock(device):
+    """Wall time, after the device has finished what it was given."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def step_seed(seed, step):
     """Every random choice of a step derives from (seed, step): a resumed run replays exactly."""
     return seed * 1_000_003 + step
@@ -804,15 +846,15 @@ def rl_step(policy, optimizer, registry, world, cfg, step):
     generator = torch.Generator(policy.device).manual_seed(step_seed(cfg.seed, step))
     tasks = [toy_tasks.sample_task(rng, world, "train") for _ in range(cfg.questions_per_step)]
     prompts = [prompt_ids(policy.tok, t.question) for t in tasks for _ in range(cfg.group_size)]
-    started = time.perf_counter()
+    started = clock(policy.device)
     batch = rollout(policy, registry, prompts, cfg, cfg.temperature, generator)
-    rollout_seconds = time.perf_counter() - started
+    rollout_seconds = clock(policy.device) - started
     rewards = torch.tensor([toy_tasks.reward(text, tasks[i // cfg.group_size], cfg.format_bonus)
                             for i, text in enumerate(batch.texts)]).view(len(tasks), cfg.group_size)
     advantages = group_advantages(rewards, cfg.scale_std).flatten().to(policy.device)
-    started = time.perf_counter()
+    started = clock(policy.device)
     metrics = grpo_update(policy, optimizer, batch, advantages, cfg)
-    update_seconds = time.perf_counter() - started
+    update_seconds = clock(policy.device) - started
     metrics.update(reward=rewards.mean().item(),
                    accuracy=(rewards == 1).float().mean().item(),
                    tool_calls=float(np.mean(batch.tool_calls)),
@@ -820,8 +862,8 @@ def rl_step(policy, optimizer, registry, world, cfg, step):
                    response_tokens=batch.attention_mask[:, batch.prompt_len:].sum(-1).float().mean().item(),
                    zero_variance_groups=(rewards.std(-1) == 0).float().mean().item())
     speed = {"rollout_s": rollout_seconds, "update_s": update_seconds,
-             "sampled_tok_per_s": batch.attention_mask[:, batch.prompt_len:].sum().item() / rollout_seconds,
-             "trained_tok_per_s": (metrics["tokens_reason"] + metrics["tokens_tool"]) / update_seconds}
+             "sampled_tokens": batch.attention_mask[:, batch.prompt_len:].sum().item(),
+             "trained_tokens": metrics["tokens_reason"] + metrics["tokens_tool"]}
     return metrics, speed
 
 
@@ -862,12 +904,19 @@ def load_adapters(path, policy):
     policy.model.load_state_dict({k: v.to(policy.device) for k, v in load_file(path).items()}, strict=False)
 
 
-def read_metrics(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
+def read_jsonl(path):
     if not os.path.exists(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def keep_steps_before(path, step):
+    """Rewrite a per-step log without the steps a resumed run will redo; returns what is kept."""
+    kept = [r for r in read_jsonl(path) if r["step"] < step]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    return kept
 
 
 def saved_config(run_dir):
@@ -899,12 +948,10 @@ def train(cfg, report=True):
     world = toy_tasks.make_world()
     registry = tools.registry(world.kb)
     test = toy_tasks.test_set(world, cfg.eval_per_family)
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = make_optimizer(policy, cfg)
     start = load_checkpoint(run_dir, policy, optimizer) if cfg.resume else 0
-    history = [r for r in read_metrics(run_dir) if r["step"] < start]
-    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:  # drop steps after the checkpoint
-        f.writelines(json.dumps(r) + "\n" for r in history)
+    history = keep_steps_before(os.path.join(run_dir, "metrics.jsonl"), start)
+    keep_steps_before(os.path.join(run_dir, "speed.jsonl"), start)
     bar = tqdm(range(start, cfg.steps + 1), desc=f"RL {cfg.mode}", initial=start, total=cfg.steps + 1)
     for step in bar:
         record = {"step": step}
@@ -993,12 +1040,170 @@ def print_report(run_dir, table, curve, policy, registry, test, cfg):
     print(f"run directory: {run_dir}")
 
 
+# -----------------------------------------------------------------------------
+# 8. --compare and --bench
+#
+# The paper's claim is a comparison: DART beats shared-parameter GRPO (joint) at equal
+# budget, and comes close to two separate agents (two_agent) at one model's memory.
+# joint2r has DART's trainable parameters in one shared adapter: the capacity control.
+
+COMPARED = ("joint", "joint2r", "dart", "two_agent", "mixlora")
+
+
+def reset_peak_memory(device):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: restart the process's peak-RSS counter
+
+
+def peak_memory_mb(device):
+    """CUDA: peak allocated tensor memory. CPU: the process's peak resident memory (Linux), which
+    includes Python and the frozen model, so only the differences between modes are the adapters'."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_summary(run_dir, peak_mb):
+    """One finished run: final test metrics, base metrics (step 0), parameters and speed."""
+    from safetensors.torch import load_file
+    evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "test_acc" in r]
+    speed = read_jsonl(os.path.join(run_dir, "speed.jsonl"))
+    params = sum(t.numel() for t in load_file(os.path.join(run_dir, "adapters.safetensors")).values())
+    rollout_s, update_s = sum(r["rollout_s"] for r in speed), sum(r["update_s"] for r in speed)
+    return {"base": evals[0], "final": evals[-1], "params": params, "peak_mb": peak_mb,
+            "s_per_step": (rollout_s + update_s) / len(speed),
+            "sampled_tok_s": sum(r["sampled_tokens"] for r in speed) / rollout_s,
+            "trained_tok_s": sum(r["trained_tokens"] for r in speed) / update_s}
+
+
+def mean_std(values, scale=1.0, digits=0):
+    values = np.asarray(values, dtype=float) * scale
+    return f"{values.mean():.{digits}f}±{values.std():.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
+
+
+def compare_table(results):
+    """Markdown: one row per mode (mean±std over seeds) plus the warm-started base."""
+    keys = [f"test_acc_{f}" for f in toy_tasks.FAMILIES] + ["test_acc"]
+    head = ["mode"] + list(toy_tasks.FAMILIES) + ["overall", "valid calls", "calls/q", "trainable",
+                                                  "peak MB", "s/step", "sampled tok/s", "trained tok/s"]
+    base = next(iter(results.values()))[0]["base"]
+    rows = [["base (no RL)"] + [f"{100 * base[k]:.0f}" for k in keys] +
+            [f"{100 * base['test_valid_calls']:.0f}", f"{base['test_tool_calls']:.2f}", "0", "", "", "", ""]]
+    for mode, runs in results.items():
+        final = [r["final"] for r in runs]
+        rows.append([mode] + [mean_std([f[k] for f in final], 100) for k in keys] + [
+            mean_std([f["test_valid_calls"] for f in final], 100),
+            mean_std([f["test_tool_calls"] for f in final], digits=2),
+            f"{runs[0]['params']:,}", f"{np.mean([r['peak_mb'] for r in runs]):.0f}",
+            f"{np.mean([r['s_per_step'] for r in runs]):.2f}", f"{np.mean([r['sampled_tok_s'] for r in runs]):.0f}",
+            f"{np.mean([r['trained_tok_s'] for r in runs]):.0f}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "--:" for i in range(len(head))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def compare(cfg):
+    """Train every mode on the same tasks, seeds and budget; print and save one table."""
+    out = cfg.out or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-compare")
+    os.makedirs(out, exist_ok=True)
+    device = resolve_device(cfg)
+    results = {mode: [] for mode in COMPARED}
+    for seed in range(cfg.seeds):
+        for mode in COMPARED:
+            run = dataclasses.replace(cfg, mode=mode, seed=seed, compare=False, out=os.path.join(out, f"{mode}-s{seed}"))
+            reset_peak_memory(device)
+            train(run, report=False)
+            results[mode].append(run_summary(run.out, peak_memory_mb(device)))
+    table = compare_table(results)
+    overall = {mode: np.array([r["final"]["test_acc"] for r in runs]) * 100 for mode, runs in results.items()}
+    verdict = (f"dart - joint: {np.mean(overall['dart'] - overall['joint']):+.1f} points overall "
+               f"(per seed: {', '.join(f'{d:+.0f}' for d in overall['dart'] - overall['joint'])}); "
+               f"two_agent - dart: {np.mean(overall['two_agent'] - overall['dart']):+.1f} points")
+    header = (f"{cfg.seeds} seed(s), {cfg.steps} RL steps of {cfg.questions_per_step}x{cfg.group_size} rollouts, "
+              f"model {cfg.model}, device {device}; test accuracy in %, mean±std over seeds")
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(f"{header}\n\n{table}\n\n{verdict}\n")
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "results": results}, f, indent=1)
+    print(f"\n{header}\n\n{table}\n\n{verdict}\n\ntables: {out}/compare.md, {out}/compare.json")
+    return results
+
+
+def bench(cfg, repeats=5):
+    """The cost claims, measured side by side in one process: a GRPO update of dart vs joint2r
+    vs two_agent on the same batch, and the rollout engine vs model.generate."""
+    world = toy_tasks.make_world()
+    registry = tools.registry(world.kb)
+    policies = {mode: load_policy(dataclasses.replace(cfg, mode=mode)) for mode in ("joint2r", "dart", "two_agent")}
+    dart_policy = policies["dart"]
+    device = dart_policy.device
+    rng = random.Random(cfg.seed)
+    tasks = [toy_tasks.sample_task(rng, world, "train") for _ in range(cfg.questions_per_step * cfg.group_size)]
+    prompts = [prompt_ids(dart_policy.tok, t.question) for t in tasks]
+    batch = rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
+    advantages = torch.randn(len(prompts), generator=torch.Generator().manual_seed(0)).to(device)
+    optimizers = {mode: make_optimizer(policy, cfg) for mode, policy in policies.items()}
+    update_s = {m: [] for m in policies}
+    for repeat in tqdm(range(repeats + 1), desc="bench: GRPO updates"):
+        for mode, policy in policies.items():  # interleaved, so drift in machine speed hits all alike
+            started = clock(device)
+            grpo_update(policy, optimizers[mode], batch, advantages, cfg)
+            if repeat:  # the first round warms up
+                update_s[mode].append(clock(device) - started)
+    median = {m: float(np.median(t)) for m, t in update_s.items()}
+    # the engine, tools interleaved, vs generate() without tools: same model, prompts and new tokens
+    engine_s, generate_s = [], []
+    width = max(map(len, prompts))
+    ids = torch.tensor([[dart_policy.special.pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention = (torch.arange(width, device=device)[None] >= torch.tensor(
+        [width - len(p) for p in prompts], device=device)[:, None]).long()
+    for _ in tqdm(range(repeats), desc="bench: engine vs generate"):
+        started = clock(device)
+        out = rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
+        engine_s.append(clock(device) - started)
+        steps = out.sampled.shape[1]
+        dart_policy.routing.gate = dart_policy.routing.table[REASONING]  # one gate for every token
+        started = clock(device)
+        with torch.no_grad(), dart_policy.autocast():
+            dart_policy.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=steps,
+                                       min_new_tokens=steps, do_sample=True, top_k=None, top_p=None,
+                                       temperature=cfg.temperature, pad_token_id=dart_policy.special.pad)
+        generate_s.append(clock(device) - started)
+    slots = len(prompts) * steps
+    real = out.attention_mask[:, out.prompt_len:].sum().item()
+    result = {"update_s": median, "dart_over_joint2r": median["dart"] / median["joint2r"],
+              "two_agent_over_dart": median["two_agent"] / median["dart"],
+              "engine_tok_s": slots / np.median(engine_s), "engine_real_tok_s": real / np.median(engine_s),
+              "generate_tok_s": slots / np.median(generate_s), "rows": len(prompts), "new_tokens": steps}
+    result["engine_over_generate"] = result["engine_tok_s"] / result["generate_tok_s"]
+    print(f"\nGRPO update on one batch of {len(prompts)} rollouts (median of {repeats}), device {device}:")
+    for mode, seconds in median.items():
+        print(f"  {mode:<10} {seconds:.3f} s")
+    print(f"  dart / joint2r = {result['dart_over_joint2r']:.3f}   two_agent / dart = {result['two_agent_over_dart']:.2f}")
+    print(f"sampling {len(prompts)} rows x {steps} new tokens: engine with tools {result['engine_tok_s']:.0f} tok/s "
+          f"({result['engine_real_tok_s']:.0f} tok/s before rows finished), model.generate without tools "
+          f"{result['generate_tok_s']:.0f} tok/s: ratio {result['engine_over_generate']:.2f}")
+    return result
+
+
 def main(argv):
     cfg = parse_args(argv)
     if cfg.resume:
         cfg = parse_args(argv, defaults=saved_config(cfg.resume))
         cfg.out = cfg.resume
-    train(cfg)
+    if cfg.compare:
+        compare(cfg)
+    elif cfg.bench:
+        bench(cfg)
+    else:
+        train(cfg)
 
 
 if __name__ == "__main__":

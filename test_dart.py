@@ -6,6 +6,7 @@ Invariant tests for dart.py, leas.py, tools.py and toy_tasks.py. CPU only, a few
 The tests build their own small warm-started base once per session (in a temporary
 cache) and never touch a model hub.
 """
+import dataclasses
 import json
 import math
 import os
@@ -118,15 +119,15 @@ def test_calculator_table(expr, expected):
 
 
 def test_lookup_is_forgiving_and_names_what_exists():
+    lookup = tools.Lookup(WORLD.kb)
     entity = WORLD.train_entities[0]
     value = tools.format_number(WORLD.kb[entity]["height"])
-    assert tools.lookup(f"{entity}.height", WORLD.kb) == value
-    assert tools.lookup(f"  {entity.lower()} . HEIGHT ", WORLD.kb) == value
-    assert tools.lookup(f"{entity}.weight", WORLD.kb) == \
-        f"error: {entity} has no such attribute; it has population, area, height, age"
-    close = tools.lookup(f"{entity}x.height", WORLD.kb)
-    assert close.startswith("error: unknown entity; try ") and entity in close
-    assert tools.lookup("no dot here", WORLD.kb).startswith("error: write Entity.attribute")
+    assert lookup(f"{entity}.height") == value
+    assert lookup(f"  {entity.lower()} . HEIGHT ") == value
+    assert lookup(f"{entity}.weight") == f"error: {entity} has no such attribute; it has population, area, height, age"
+    near = lookup(f"{entity}x.height")
+    assert near.startswith("error: unknown entity; near it: ") and entity in near
+    assert lookup("no dot here").startswith("error: write Entity.attribute")
     assert tools.run_tool(REGISTRY, "search", "x").startswith("error: unknown tool 'search'")
     assert tools.run_tool(REGISTRY, "calc", "   ") == "error: empty tool call"
 
@@ -298,7 +299,7 @@ def test_dart_with_one_role_is_a_single_lora(make_policy):
 def test_joint2r_is_one_rank_2r_lora():
     torch.manual_seed(0)
     routing = dart.Routing("joint2r", rank=4, alpha=8.0, device="cpu")
-    layer = dart.DartLinear(torch.nn.Linear(16, 8), routing, 0.0, router=False)
+    layer = dart.DartLinear(torch.nn.Linear(16, 8), routing, 0.0, router=False, generator=torch.Generator())
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(2, 5, 16)
     routing.route(torch.randint(0, 2, (2, 5)))
@@ -310,7 +311,7 @@ def test_joint2r_is_one_rank_2r_lora():
 def test_inactive_block_gets_exactly_zero_gradient_at_other_roles_positions(role):
     torch.manual_seed(0)
     routing = dart.Routing("dart", rank=4, alpha=8.0, device="cpu")
-    layer = dart.DartLinear(torch.nn.Linear(16, 8), routing, 0.0, router=False)
+    layer = dart.DartLinear(torch.nn.Linear(16, 8), routing, 0.0, router=False, generator=torch.Generator())
     torch.nn.init.normal_(layer.lora_B)
     roles = torch.tensor([[0, 0, 1, 1, 0, 1], [1, 1, 1, 0, 0, 0]])
     routing.route(roles)
@@ -467,7 +468,7 @@ def test_engine_eos_carries_loss(scripted):
     ("</calc><answer>1</answer>", "error: closing tag without an open call"),
     ("<calc>1+1</lookup><answer>1</answer>", "error: closing tag without an open call"),
     ("<calc>two</calc><answer>1</answer>", "error: unexpected character 't'"),
-    ("<lookup>Nowhere.height</lookup><answer>1</answer>", tools.lookup("Nowhere.height", WORLD.kb)),
+    ("<lookup>Nowhere.height</lookup><answer>1</answer>", REGISTRY["lookup"]("Nowhere.height")),
 ])
 def test_malformed_calls_become_error_observations(scripted, script, error):
     out, policy = scripted([script])
@@ -635,3 +636,187 @@ def test_leas_end_to_end_writes_its_report(cfg_factory, tmp_path, capsys):
     assert "lambda23" in printed and "reasoning vs tool" in printed
     leas.run(cfg, lcfg)  # a second run reuses the three trained variants
     assert printed.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 3
+
+
+# ---------------------------------------------------------------------------
+# robustness: hostile inputs, garbage policies, interruptions, bad user input
+
+HOSTILE = ["9**9**9", "10**10**10", "(" * 10000, "1e308*10", "2**-1074", "١٢٣+٤", "²+1", "½", "∞",
+           "__import__('os')", "os.system('ls')", "x", "abs(-1)", "(1).real", "lambda: 1", "[i for i in ()]",
+           "{1: 2}", "1 if 1 else 2", "not 1", "1 < 2", "1 and 2", "~1", "1 << 100", "b'1'", "'a' * 10",
+           "9" * 5000, "0." + "0" * 300 + "1", "1e-400", "-" * 199 + "1", "(" * 99 + "1" + ")" * 99,
+           "1/" + "(1-1)", "0**0", "(-1)**0.5", "1%0.0", "\x00", "\u202e1+1", "1\n+1", " ", "\t", "",
+           "Avalon.population", ".", "..", "A.b.c", ".population", "Avalon.", " " * 300 + ".x"]
+FUZZ_CALL_BOUND_S = 0.05  # no tool call may take longer (a hang or a huge computation would)
+
+
+def fuzz_inputs(n, seed=0):
+    """Character soup over the tiny tokenizer's characters plus unicode oddities, random
+    well-formed expressions, and mutations of them that break them."""
+    rng = random.Random(seed)
+    soup = "0123456789+-*/%().eE ,_abcxyzAB<>=![]{}'\"\n\t" + "\u0661\u00b2\u00bd\u221e\u202e\x00\u00e9\u20ac" + "".join(
+        WORLD.train_entities[:5])
+
+    def expression(depth):
+        if depth == 0 or rng.random() < 0.3:
+            return rng.choice([str(rng.randint(0, 10 ** rng.randint(1, 20))), f"{rng.random() * 100:.3f}", "1e9"])
+        op = rng.choice(["+", "-", "*", "/", "//", "%", "**"])
+        return rng.choice(["{}{}{}", "({}{}{})", "-{}{}{}"]).format(expression(depth - 1), op, expression(depth - 1))
+
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            yield "".join(rng.choice(soup) for _ in range(rng.randint(0, 60)))
+        elif kind == 1:
+            yield expression(rng.randint(1, 6))
+        else:
+            text = list(expression(rng.randint(1, 5)))
+            for _ in range(rng.randint(1, 4)):
+                text.insert(rng.randint(0, len(text)), rng.choice(soup))
+            yield "".join(text)
+
+
+def test_tools_survive_fuzzing():
+    """100,000 generated inputs and the hostile list, through both tools: always a string, never an
+    exception, each call under FUZZ_CALL_BOUND_S."""
+    slowest = 0.0
+    for text in list(fuzz_inputs(100_000)) + HOSTILE:
+        for name in ("calc", "lookup"):
+            started = time.perf_counter()
+            result = tools.run_tool(REGISTRY, name, text)
+            slowest = max(slowest, time.perf_counter() - started)
+            assert isinstance(result, str) and result
+    assert slowest < FUZZ_CALL_BOUND_S
+
+
+def random_policy(cfg):
+    """An untrained model with the tiny tokenizer: it writes anything, tags included."""
+    tok = dart.build_tokenizer(cfg, WORLD)
+    torch.manual_seed(0)
+    model = dart.new_tiny_model(dataclasses.replace(cfg, base_dim=32, base_layers=1, base_heads=2), tok).eval()
+    return dart.Policy(model, tok, dart.special_ids(tok), dart.attach_dart(model, cfg, "cpu"), "cpu")
+
+
+def assert_limits_hold(policy, out, cfg):
+    assert out.sampled.shape[1] <= cfg.max_new_tokens and max(out.tool_calls) <= cfg.max_tool_calls
+    for row in range(len(out.ids)):
+        real = out.attention_mask[row, out.prompt_len:].bool()
+        tokens, by_policy = out.ids[row, out.prompt_len:][real].tolist(), out.sampled[row][real].tolist()
+        for start, (token, written) in enumerate(zip(tokens, by_policy)):
+            if token == policy.special.obs and not written:  # an observation the environment inserted
+                rest = tokens[start + 1:]
+                length = rest.index(policy.special.obs_end) if policy.special.obs_end in rest else len(rest)
+                assert length <= cfg.max_obs_tokens and not any(by_policy[start:start + length + 2])
+
+
+@pytest.mark.parametrize("source", ["random model", "tiny model at temperature 5"])
+def test_garbage_policies_neither_crash_nor_break_limits(make_policy, cfg_factory, source):
+    cfg = cfg_factory(max_new_tokens=40, max_tool_calls=2, max_obs_tokens=6, questions_per_step=4, group_size=4)
+    if source == "random model":
+        policy = random_policy(cfg)
+    else:
+        policy, _ = make_policy("dart", randomize=0.05)
+        cfg.temperature = 5.0
+    optimizer = dart.make_optimizer(policy, cfg)
+    invalid = 0
+    for step in range(6):
+        metrics, _ = dart.rl_step(policy, optimizer, REGISTRY, WORLD, cfg, step)
+        assert math.isfinite(metrics["loss"])
+        _, prompts = prompts_for(policy, 8, seed=step)
+        out = dart.rollout(policy, REGISTRY, prompts, cfg, cfg.temperature, torch.Generator().manual_seed(step))
+        assert_limits_hold(policy, out, cfg)
+        invalid += sum(out.invalid_calls)
+    assert invalid > 0  # the garbage did reach the tools, as error observations
+
+
+def test_equal_rewards_give_zero_advantages_and_a_finite_loss(make_policy):
+    policy, cfg = make_policy("dart", randomize=0.01, kl_beta=0.0)
+    _, prompts = prompts_for(policy, 8, seed=1)
+    batch = dart.rollout(policy, REGISTRY, prompts, cfg, 1.0, torch.Generator().manual_seed(0))
+    optimizer = dart.make_optimizer(policy, cfg)
+    before = dart.adapter_state(policy.model)
+    for value in (0.0, 1.0):
+        advantages = dart.group_advantages(torch.full((2, 4), value)).flatten()
+        assert torch.equal(advantages, torch.zeros(8))
+        metrics = dart.grpo_update(policy, optimizer, batch, advantages, cfg)
+        assert metrics["loss"] == 0.0 and metrics["skipped"] == 0
+    after = dart.adapter_state(policy.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing to learn, nothing learned
+
+
+def test_non_finite_loss_skips_the_step_and_keeps_the_adapters(make_policy):
+    policy, cfg = make_policy("dart", randomize=0.01)
+    _, prompts = prompts_for(policy, 8, seed=1)
+    batch = dart.rollout(policy, REGISTRY, prompts, cfg, 1.0, torch.Generator().manual_seed(0))
+    optimizer = dart.make_optimizer(policy, cfg)
+    before = dart.adapter_state(policy.model)
+    advantages = torch.ones(8)
+    advantages[int(batch.sampled.any(-1).nonzero()[0])] = float("nan")  # poison a row that carries loss
+    metrics = dart.grpo_update(policy, optimizer, batch, advantages, cfg)
+    assert metrics["skipped"] == 1
+    after = dart.adapter_state(policy.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    metrics = dart.grpo_update(policy, optimizer, batch, torch.ones(8), cfg)  # and training goes on
+    assert metrics["skipped"] == 0 and not all(torch.equal(before[k], v) for k, v in dart.adapter_state(policy.model).items())
+
+
+def run_files(run_dir):
+    from safetensors.torch import load_file
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return f.read(), load_file(os.path.join(run_dir, "adapters.safetensors"))
+
+
+SHORT = dict(steps=4, save_every=2, eval_every=2, questions_per_step=2, group_size=4)
+
+
+def test_same_seed_same_metrics(cfg_factory, tmp_path):
+    first = run_files(dart.train(cfg_factory(out=str(tmp_path / "a"), **SHORT), report=False))
+    second = run_files(dart.train(cfg_factory(out=str(tmp_path / "b"), **SHORT), report=False))
+    assert first[0] == second[0]
+    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(cfg_factory, tmp_path, monkeypatch):
+    straight = run_files(dart.train(cfg_factory(out=str(tmp_path / "straight"), **SHORT), report=False))
+    cut = str(tmp_path / "cut")
+    real_step = dart.rl_step
+
+    def killed_during_step_3(policy, optimizer, registry, world, cfg, step):
+        if step == 3:
+            raise KeyboardInterrupt  # after the checkpoint written at the end of step 1
+        return real_step(policy, optimizer, registry, world, cfg, step)
+
+    monkeypatch.setattr(dart, "rl_step", killed_during_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        dart.train(cfg_factory(out=cut, **SHORT), report=False)
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(cut, "results.md"))
+    dart.main([f"--resume={cut}"])  # the command line a user would type
+    resumed = run_files(cut)
+    assert resumed[0] == straight[0]
+    assert all(torch.equal(resumed[1][k], straight[1][k]) for k in straight[1])
+
+
+def one_line_exit(call):
+    with pytest.raises(SystemExit) as stop:
+        call()
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_bad_user_input_stops_with_one_clear_sentence(cfg_factory, tmp_path):
+    assert "--steps" in one_line_exit(lambda: dart.parse_args(["--stpes=3"]))
+    assert "--seed" in one_line_exit(lambda: dart.parse_args(["-seed=3"]))
+    assert "int" in one_line_exit(lambda: dart.parse_args(["--steps=three"]))
+    assert "bool" in one_line_exit(lambda: dart.parse_args(["--scale_std=maybe"]))
+    assert "joint2r" in one_line_exit(lambda: dart.parse_args(["--mode=dartt"]))
+    assert "--steps" in one_line_exit(lambda: dart.parse_args(["--steps"]))
+    missing = str(tmp_path / "no-such-model")
+    assert missing in one_line_exit(lambda: dart.load_policy(cfg_factory(model=missing)))
+    assert "not a run directory" in one_line_exit(lambda: dart.main([f"--resume={tmp_path}"]))
+    run = dart.train(cfg_factory(out=str(tmp_path / "run"), steps=1, questions_per_step=1), report=False)
+    with open(os.path.join(run, "checkpoint.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    assert "checkpoint.pt" in one_line_exit(lambda: dart.main([f"--resume={run}"]))
+    assert "grad" in one_line_exit(lambda: leas.parse(["gradient"]))

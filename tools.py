@@ -7,7 +7,7 @@ writes anything from its very first RL step, so these functions are the
 boundary between untrusted model output and the environment.
 """
 import ast
-import difflib
+import bisect
 import math
 
 MAX_EXPR_CHARS = 200      # longer expressions are refused before parsing
@@ -102,19 +102,26 @@ def calculator(expr):
         return "error: cannot compute that"
 
 
-def lookup(key, kb):
-    """Answer 'Entity.attribute' from kb = {entity: {attribute: value}}; case and spaces forgiven."""
-    if not isinstance(key, str) or key.count(".") != 1:
-        return "error: write Entity.attribute, e.g. Avalon.population"
-    entity, attribute = (part.strip().lower() for part in key.split("."))
-    names = {name.lower(): name for name in kb}
-    if entity not in names:
-        close = difflib.get_close_matches(entity, list(names), n=3) or sorted(names)[:3]
-        return "error: unknown entity; try " + ", ".join(names[c] for c in close)
-    record = kb[names[entity]]
-    if attribute not in record:
-        return f"error: {names[entity]} has no such attribute; it has " + ", ".join(record)
-    return format_number(record[attribute])
+class Lookup:
+    """Answers 'Entity.attribute' from kb = {entity: {attribute: value}}; case and spaces are
+    forgiven, and an unknown name gets the alphabetically nearest names as a hint."""
+
+    def __init__(self, kb):
+        self.kb = kb
+        self.names = {name.lower(): name for name in kb}
+        self.ordered = sorted(self.names)
+
+    def __call__(self, key):
+        if not isinstance(key, str) or key.count(".") != 1:
+            return "error: write Entity.attribute, e.g. Avalon.population"
+        entity, attribute = (part.strip().lower() for part in key.split("."))
+        if entity not in self.names:
+            i = bisect.bisect_left(self.ordered, entity)
+            return "error: unknown entity; near it: " + ", ".join(self.names[n] for n in self.ordered[max(0, i - 1):i + 2])
+        record = self.kb[self.names[entity]]
+        if attribute not in record:
+            return f"error: {self.names[entity]} has no such attribute; it has " + ", ".join(record)
+        return format_number(record[attribute])
 
 
 # The registry: tag name -> tool(argument text) -> observation text.
@@ -123,7 +130,7 @@ TOOL_NAMES = ("calc", "lookup")
 
 
 def registry(kb):
-    return {"calc": calculator, "lookup": lambda key: lookup(key, kb)}
+    return {"calc": calculator, "lookup": Lookup(kb)}
 
 
 def run_tool(tools, name, argument):
