@@ -211,7 +211,7 @@ def next_role(role, token, special):
 # For a frozen linear W and two rank-r adapters stacked into A = [A_r; A_t] and
 # B = [B_r B_t], DESIGN.md section 3:
 #
-#     y = W x + B ( g(role) * (A x) )          g: (2r,) gate, scale alpha/r folded in
+#     y = W x + B ( g(role) * (A x) )          g: (2r,) gate with the scale alpha/r folded in
 #
 #     reasoning token:  g = alpha/r * [1 1 .. 1 | 0 0 .. 0]      -> only (A_r, B_r) acts
 #     tool token:       g = alpha/r * [0 0 .. 0 | 1 1 .. 1]      -> only (A_t, B_t) acts
@@ -267,7 +267,7 @@ class DartLinear(nn.Module):
         self.lora_A = nn.Parameter(A.to(base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, units, device=base.weight.device))  # y = W x
         self.dropout = nn.Dropout(dropout)
-        # mixlora: a per-layer router makes soft gates over the blocks for every token
+        # mixlora: a router in each wrapped linear makes soft gates over the blocks for every token
         self.router = nn.Linear(base.in_features, routing.blocks, bias=False, device=base.weight.device) if router else None
         if router:
             nn.init.zeros_(self.router.weight)  # uniform gates at the start
@@ -301,6 +301,7 @@ def attach_dart(model, cfg, device):
                 wrapped += 1
     if wrapped == 0:
         sys.exit(f"error: no linear layer named any of --targets={cfg.targets} in this model")
+    model.eval()  # the frozen base never drops anything; lora_dropout_on() enables LoRA dropout in updates
     return routing
 
 
@@ -353,6 +354,8 @@ def adapters_off(routing):
 # the task vocabulary, warm-started on gold trajectories and cached), or any HF causal LM,
 # with the tags added as single tokens.
 
+# The instructions hold whole tool spans, so the positions inside them are routed to the tool
+# adapter, the same way in rollout and training; a prompt must never hold an unclosed tag.
 INSTRUCTIONS = ("Answer the question. Tools: <calc>expression</calc> does arithmetic, "
                 "<lookup>Entity.attribute</lookup> reads a fact; each call is answered in "
                 "<obs>...</obs>. End with <answer>number</answer>.")
@@ -533,7 +536,7 @@ def load_policy(cfg):
     model, tok = tiny_base(cfg) if cfg.model == "tiny" else hf_model(cfg.model)
     if tok.eos_token_id is None:
         sys.exit(f"error: the tokenizer of --model={cfg.model} has no eos token")
-    model.to(device).eval()  # eval(): no dropout in the frozen base; LoRA dropout is its own module
+    model.to(device)
     routing = attach_dart(model, cfg, device)
     dtype = {"auto": torch.bfloat16 if device == "cuda" else None, "float32": None,
              "bfloat16": torch.bfloat16}[cfg.dtype]
@@ -587,8 +590,9 @@ class Rollout:
     sampled: torch.Tensor         # (B, N) True where the policy wrote the token (the loss mask)
     logprobs: torch.Tensor        # (B, N) sampling log-prob of each sampled token (0 elsewhere)
     texts: list                   # decoded responses
-    tool_calls: list              # per row: tool calls that ran
-    invalid_calls: list           # per row: observations that were errors
+    tool_calls: list              # per row: calls that reached a tool (at most max_tool_calls)
+    observations: list            # per row: observations the environment inserted
+    invalid_calls: list           # per row: observations that were errors (malformed or failed calls)
 
     @property
     def prompt_len(self):
@@ -601,7 +605,8 @@ class Row:
     queue: deque = field(default_factory=deque)  # forced tokens still to feed
     tool: str = None                            # open tool span, if any
     argument: list = field(default_factory=list)
-    calls: int = 0
+    calls: int = 0                              # calls that reached a tool
+    observations: int = 0
     invalid: int = 0
 
 
@@ -631,6 +636,7 @@ def react(row, token, policy, registry, cfg):
             result = f"error: tool call longer than {cfg.max_arg_tokens} tokens"
     if result is not None:
         row.tool = None
+        row.observations += 1
         row.invalid += result.startswith("error:")
         row.queue.extend(observation_ids(policy.tok, special, result, cfg.max_obs_tokens))
 
@@ -690,7 +696,8 @@ def rollout(policy, registry, prompts, cfg, temperature, generator=None):
                    attention_mask=torch.cat([attention[:, :width], response_attention], 1),
                    roles=torch.cat([roles, torch.stack(new_roles, 1)], 1),
                    sampled=torch.stack(sampled_mask, 1), logprobs=torch.stack(logprobs, 1), texts=texts,
-                   tool_calls=[r.calls for r in rows], invalid_calls=[r.invalid for r in rows])
+                   tool_calls=[r.calls for r in rows], observations=[r.observations for r in rows],
+                   invalid_calls=[r.invalid for r in rows])
 
 
 # -----------------------------------------------------------------------------
@@ -702,9 +709,9 @@ def rollout(policy, registry, prompts, cfg, temperature, generator=None):
 #     loss_t = -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + beta * KL_k3(pi, pi_ref)
 #     KL_k3  = exp(ref - logp) - (ref - logp) - 1        (Schulman's k3: unbiased, >= 0)
 #
-# pi_ref is the same model with its adapters off. With one update per batch pi_old = pi,
-# rho = 1 and the gradient is REINFORCE with a group-mean baseline; the clip only acts
-# when updates_per_batch > 1.
+# pi_ref is the same model with its adapters off. With one update per batch (and no LoRA
+# dropout) pi_old = pi, rho = 1 and the gradient is REINFORCE with a group-mean baseline;
+# the clip only acts when updates_per_batch > 1.
 
 
 def group_advantages(rewards, scale_std=True):
@@ -721,19 +728,22 @@ def token_weights(mask, loss_agg, max_new_tokens):
     mask = mask.float()
     if loss_agg == "token_mean":  # every token counts the same (DAPO)
         return mask / mask.sum().clamp(min=1)
-    if loss_agg == "seq_mean":    # mean per sequence, then over sequences (original GRPO)
-        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * mask.shape[0])
+    if loss_agg == "seq_mean":    # mean per sequence, then over the sequences that carry loss (GRPO)
+        carrying = (mask.sum(-1, keepdim=True) > 0).sum().clamp(min=1)
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * carrying)
     return mask / (mask.shape[0] * max_new_tokens)  # dr_grpo: a constant normalizer, the budget
 
 
 def response_logprobs(policy, ids, attention_mask, prompt_len, temperature):
-    """Log-probs of the response tokens (and the full log-softmax) from one training forward over
-    the same ids, mask, positions and roles the rollout used."""
+    """Log-probs of the response tokens, and the policy's entropy at each response position,
+    from one training forward over the same ids, mask, positions and roles the rollout used."""
     width = ids.shape[1] - prompt_len
     logits = forward(policy, ids, attention_mask, positions(attention_mask), token_roles(ids, policy.special),
                      logits_to_keep=width + 1)[:, :-1]
     logp_all = torch.log_softmax(logits / temperature, -1)
-    return logp_all.gather(-1, ids[:, prompt_len:, None]).squeeze(-1), logp_all
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, ids[:, prompt_len:, None]).squeeze(-1), entropy
 
 
 def loss_mask(batch, special, mode):
@@ -746,49 +756,59 @@ def loss_mask(batch, special, mode):
     return batch.sampled, target_roles
 
 
+def token_loss(logp, old_logp, ref_logp, advantages, clip_eps, kl_beta):
+    """Per-token GRPO loss and k3 KL, for (B, N) log-probs under the current, sampling and
+    reference policies and (B, 1) advantages. Callers zero the slots without loss first: an
+    inf there would survive a mask in the forward and turn into NaN in the backward."""
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    return -surrogate + kl_beta * kl, kl
+
+
 def make_optimizer(policy, cfg):
-    """AdamW over the adapters (and mixlora's routers) only; no weight decay, so an update
-    without signal changes nothing."""
+    """AdamW over the adapters (and mixlora's routers) only, without weight decay: the pull
+    toward the base model is the KL term's job."""
     return torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
 
 
 def grpo_update(policy, optimizer, batch, advantages, cfg):
-    """One GRPO update on a batch of rollouts; returns per-role metrics. A non-finite loss or
-    gradient skips the step and leaves the adapters as they were."""
+    """updates_per_batch GRPO updates on a batch of rollouts; returns per-role metrics. A
+    non-finite loss or gradient skips the update and leaves the adapters as they were."""
     params = [p for p in policy.model.parameters() if p.requires_grad]
     mask, target_roles = loss_mask(batch, policy.special, cfg.mode)
     weights = token_weights(mask, cfg.loss_agg, cfg.max_new_tokens)
+    chunks = torch.arange(len(batch.ids)).split(cfg.micro_batch)
+    old_logp = torch.where(mask, batch.logprobs, 0.0)
+    ref_logp = old_logp  # unused when kl_beta = 0
+    if cfg.kl_beta > 0:  # the reference does not change between updates: one forward per batch
+        with torch.no_grad(), adapters_off(policy.routing):
+            ref_logp = torch.cat([response_logprobs(policy, batch.ids[rows], batch.attention_mask[rows],
+                                                    batch.prompt_len, cfg.temperature)[0] for rows in chunks])
+        ref_logp = torch.where(mask, ref_logp, 0.0)
     sums = {f"{name}_{role}": 0.0 for name in ("loss", "kl", "entropy") for role in ("reason", "tool")}
-    skipped = 0
+    skipped, passes = 0, 0
     for _ in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for rows in torch.arange(len(batch.ids)).split(cfg.micro_batch):
+        for rows in chunks:
             with lora_dropout_on(policy.model):
-                logp, logp_all = response_logprobs(policy, batch.ids[rows], batch.attention_mask[rows],
-                                                   batch.prompt_len, cfg.temperature)
-            ratio = torch.exp(logp - batch.logprobs[rows])
-            adv = advantages[rows, None]
-            per_token = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
-            kl = torch.zeros_like(logp)
-            if cfg.kl_beta > 0:
-                with torch.no_grad(), adapters_off(policy.routing):
-                    ref_logp, _ = response_logprobs(policy, batch.ids[rows], batch.attention_mask[rows],
-                                                    batch.prompt_len, cfg.temperature)
-                kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-                per_token = per_token + cfg.kl_beta * kl
+                logp, entropy = response_logprobs(policy, batch.ids[rows], batch.attention_mask[rows],
+                                                  batch.prompt_len, cfg.temperature)
             on = mask[rows]
-            per_token = torch.where(on, per_token, 0.0)  # where, not *: masked slots may hold inf
+            logp = torch.where(on, logp, 0.0)
+            per_token, kl = token_loss(logp, old_logp[rows], ref_logp[rows], advantages[rows, None],
+                                       cfg.clip_eps, cfg.kl_beta)
             loss = (per_token * weights[rows]).sum()
             loss.backward()
             total += loss.item()
             with torch.no_grad():
-                entropy = -(logp_all.exp() * logp_all).sum(-1)
                 for role, name in ((REASONING, "reason"), (TOOL, "tool")):
                     sel = on & (target_roles[rows] == role)
                     sums[f"loss_{name}"] += per_token[sel].sum().item()
                     sums[f"kl_{name}"] += kl[sel].sum().item()
                     sums[f"entropy_{name}"] += entropy[sel].sum().item()
+        passes += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if math.isfinite(total) and torch.isfinite(grad_norm):
             optimizer.step()
@@ -801,7 +821,7 @@ def grpo_update(policy, optimizer, batch, advantages, cfg):
         count = (mask & (target_roles == role)).sum().item()
         metrics[f"tokens_{name}"] = count
         for key in ("loss", "kl", "entropy"):
-            metrics[f"{key}_{name}"] = sums[f"{key}_{name}"] / max(count * cfg.updates_per_batch, 1)
+            metrics[f"{key}_{name}"] = sums[f"{key}_{name}"] / max(count * passes, 1)
     return metrics
 
 
@@ -812,18 +832,19 @@ def grpo_update(policy, optimizer, batch, advantages, cfg):
 @torch.no_grad()
 def evaluate(policy, registry, tasks, cfg, batch_size=256):
     """Greedy accuracy on `tasks`, per family, with tool-call statistics."""
-    correct, calls, invalid = [], [], []
+    correct, calls, observations, invalid = [], [], [], []
     for start in tqdm(range(0, len(tasks), batch_size), desc="eval", leave=False):
         chunk = tasks[start:start + batch_size]
         out = rollout(policy, registry, [prompt_ids(policy.tok, t.question) for t in chunk], cfg, temperature=0)
         correct += [toy_tasks.reward(text, t) == 1.0 for text, t in zip(out.texts, chunk)]
         calls += out.tool_calls
+        observations += out.observations
         invalid += out.invalid_calls
     metrics = {"acc": float(np.mean(correct))}
     for family in sorted({t.family for t in tasks}):
         metrics[f"acc_{family}"] = float(np.mean([c for c, t in zip(correct, tasks) if t.family == family]))
     metrics["tool_calls"] = float(np.mean(calls))
-    metrics["valid_calls"] = 1 - sum(invalid) / max(sum(calls) + sum(invalid), 1)
+    metrics["valid_calls"] = 1 - sum(invalid) / max(sum(observations), 1)  # share of answered calls that worked
     return metrics
 
 
@@ -890,7 +911,7 @@ def load_checkpoint(run_dir, policy, optimizer):
         return 0
     try:
         state = torch.load(path, map_location=policy.device, weights_only=True)
-        policy.model.load_state_dict(state["adapters"], strict=False)
+        load_trainable(policy.model, state["adapters"])
         optimizer.load_state_dict(state["optimizer"])
     except Exception as e:  # any failure here means the file is not a checkpoint of this run
         sys.exit(f"error: cannot resume from {path} ({type(e).__name__}: {str(e)[:200]}). Delete that file "
@@ -898,10 +919,18 @@ def load_checkpoint(run_dir, policy, optimizer):
     return state["step"]
 
 
+def load_trainable(model, state):
+    """Load adapter tensors; every trainable tensor must be there (the frozen base is not)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        raise ValueError(f"adapters for another configuration: {len(set(state) ^ trainable)} tensors differ")
+    model.load_state_dict(state, strict=False)
+
+
 def load_adapters(path, policy):
     """Load adapters.safetensors (a finished run's output) into a policy built with the same config."""
     from safetensors.torch import load_file
-    policy.model.load_state_dict({k: v.to(policy.device) for k, v in load_file(path).items()}, strict=False)
+    load_trainable(policy.model, load_file(path, device=policy.device))
 
 
 def read_jsonl(path):
@@ -1085,8 +1114,9 @@ def run_summary(run_dir, peak_mb):
 
 
 def mean_std(values, scale=1.0, digits=0):
+    """'mean±std' over seeds (sample std), or the single value."""
     values = np.asarray(values, dtype=float) * scale
-    return f"{values.mean():.{digits}f}±{values.std():.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f}±{values.std(ddof=1):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
 
 
 def compare_table(results):
@@ -1188,7 +1218,7 @@ def bench(cfg, repeats=5):
         print(f"  {mode:<10} {seconds:.3f} s")
     print(f"  dart / joint2r = {result['dart_over_joint2r']:.3f}   two_agent / dart = {result['two_agent_over_dart']:.2f}")
     print(f"sampling {len(prompts)} rows x {steps} new tokens: engine with tools {result['engine_tok_s']:.0f} tok/s "
-          f"({result['engine_real_tok_s']:.0f} tok/s before rows finished), model.generate without tools "
+          f"({result['engine_real_tok_s']:.0f} tok/s counting only tokens before each row's end), model.generate without tools "
           f"{result['generate_tok_s']:.0f} tok/s: ratio {result['engine_over_generate']:.2f}")
     return result
 

@@ -41,8 +41,7 @@ class LeasConfig:
     runs: str = "runs/leas"      # where the variants are trained, or reused if already there
     seeds: int = 1               # K seeds per trained variant; K > 1 stacks rows (overdetermined)
     samples: int = 16            # N answers per test question per variant
-    per_family: int = 25         # test questions per task family
-    temperature: float = 1.0
+    per_family: int = 25         # test questions per task family (sampled at --temperature)
     bootstrap: int = 2000        # resamples of questions for the 95% intervals
     grad_questions: int = 8      # gradient analysis: questions ...
     grad_rollouts: int = 8       # ... and rollouts of each
@@ -152,7 +151,7 @@ def success_counts(policy, registry, tasks, cfg, lcfg, seed, batch_rows=256):
     generator = torch.Generator(policy.device).manual_seed(seed)
     rewards = []
     for start in range(0, len(prompts), batch_rows):
-        out = dart.rollout(policy, registry, prompts[start:start + batch_rows], cfg, lcfg.temperature, generator)
+        out = dart.rollout(policy, registry, prompts[start:start + batch_rows], cfg, cfg.temperature, generator)
         rewards += [toy_tasks.reward(text, tasks[(start + i) // lcfg.samples]) for i, text in enumerate(out.texts)]
     return np.array(rewards).reshape(len(tasks), lcfg.samples).sum(1)
 
@@ -162,14 +161,17 @@ def attribute(counts, tasks, lcfg):
     rows = [(v, s) for s in range(lcfg.seeds) for v in VARIANTS]
     K = np.stack([counts[r] for r in rows])                     # (rows, questions)
     kept = K.max(0) > 0                                         # some variant solved it at least once
+    if not kept.any():
+        sys.exit("error: no variant solved any test question even once; train longer (--steps) or sample more (--samples)")
     X = design_matrix([v for v, _ in rows])
     lambdas, residuals = fit_effects(X, smoothed_logit(K[:, kept], lcfg.samples))
     rng = np.random.default_rng(0)
     families = np.array([t.family for t in tasks])[kept]
     summary = {}
     for name, values in zip(EFFECTS, lambdas):
-        summary[name] = {"mean": float(values.mean()), "median": float(np.median(values)),
-                         "ci95": bootstrap_interval(values, lcfg.bootstrap, rng)}
+        summary[name] = {"mean": float(values.mean()), "ci95": bootstrap_interval(values, lcfg.bootstrap, rng),
+                         "median": float(np.median(values)),
+                         "median_ci95": bootstrap_interval(values, lcfg.bootstrap, rng, np.median)}
     l23 = lambdas[EFFECTS.index("lambda23")]
     shares = {}
     for family in ("all",) + toy_tasks.FAMILIES:
@@ -199,10 +201,11 @@ def attribution_table(report, lcfg):
              f"{report['residual_rms']:.3f}",
              "", "success rate per variant: " + ", ".join(
                  f"{v} {r:.0%}" for v, r in report["success_rate"].items()), "",
-             f"{'effect':<10} {'mean':>7} {'median':>7}   95% CI (bootstrap over questions)"]
+             f"{'effect':<10} {'mean':>7} {'95% CI':>16} {'median':>8} {'95% CI':>16}   (bootstrap over questions)"]
     for name, e in report["effects"].items():
-        mean, median, lo, hi = (f"{x:+.2f}".replace("-0.00", "+0.00") for x in (e["mean"], e["median"], *e["ci95"]))
-        lines.append(f"{name:<10} {mean:>7} {median:>7}   [{lo}, {hi}]")
+        mean, lo, hi, median, mlo, mhi = (f"{x:+.2f}".replace("-0.00", "+0.00") for x in (
+            e["mean"], *e["ci95"], e["median"], *e["median_ci95"]))
+        lines.append(f"{name:<10} {mean:>7} {f'[{lo}, {hi}]':>16} {median:>8} {f'[{mlo}, {mhi}]':>16}")
     lo, hi = report["interference_share_ci95"]
     lines += ["", f"{'questions':<12} {'lambda23<0':>11} {'lambda23>0':>11} {'n':>5}   (< 0: interference)"]
     for family, (neg, pos, n) in report["lambda23_shares"].items():
@@ -216,13 +219,13 @@ def attribution_table(report, lcfg):
 # Gradient directions
 
 
-def role_gradients(policy, batch, row, mask, roles, params):
+def role_gradients(policy, batch, row, mask, roles, params, temperature):
     """The policy gradient of one trajectory's reasoning tokens and of its tool tokens: each the
     gradient of -sum(log pi) over that role's tokens / all its tokens, so the two add up to the
     gradient of the trajectory's mean token loss (GRPO's loss divided by the trajectory's
     advantage, which scales the direction and may flip its sign, never turns it)."""
     logp, _ = dart.response_logprobs(policy, batch.ids[row:row + 1], batch.attention_mask[row:row + 1],
-                                     batch.prompt_len, 1.0)
+                                     batch.prompt_len, temperature)
     total = mask[row].sum()
     grads = []
     for role in (dart.REASONING, dart.TOOL):
@@ -250,7 +253,7 @@ def gradient_directions(policy, registry, cfg, lcfg, world):
     tool_tasks = [t for t in test if t.family != "notool"]
     tasks = [tool_tasks[i] for i in rng.choice(len(tool_tasks), lcfg.grad_questions, replace=False)]
     prompts = [dart.prompt_ids(policy.tok, t.question) for t in tasks for _ in range(lcfg.grad_rollouts)]
-    batch = dart.rollout(policy, registry, prompts, cfg, lcfg.temperature, torch.Generator(policy.device).manual_seed(0))
+    batch = dart.rollout(policy, registry, prompts, cfg, cfg.temperature, torch.Generator(policy.device).manual_seed(0))
     named = [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     mask, roles = dart.loss_mask(batch, policy.special, "joint")
@@ -258,7 +261,7 @@ def gradient_directions(policy, registry, cfg, lcfg, world):
             and (mask[r] & (roles[r] == dart.REASONING)).any()]
     per_reason, per_tool = [], []
     for row in tqdm(both, desc="per-role gradients", leave=False):
-        g_reason, g_tool = role_gradients(policy, batch, row, mask, roles, params)
+        g_reason, g_tool = role_gradients(policy, batch, row, mask, roles, params, cfg.temperature)
         per_reason.append(g_reason)
         per_tool.append(g_tool)
     result = {"trajectories": len(both)}

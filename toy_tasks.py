@@ -15,6 +15,7 @@ Every task carries its gold trajectory in the format the agent writes
 disjoint entities and disjoint operand pairs, so test accuracy measures
 tool use, not memory.
 """
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -59,8 +60,10 @@ def make_world(seed=WORLD_SEED):
 
 
 def split_of(a, b):
-    """Operand pairs are assigned to train or test by a fixed hash, so the splits never share one."""
-    return "test" if (a * 7919 + b * 104729) % 5 == 0 else "train"
+    """Operand pairs go to train or test by a hash of the unordered pair (a fifth to test), so the
+    splits never share a pair, in either order, and no arithmetic property tells them apart."""
+    digest = hashlib.sha256(f"{min(a, b)},{max(a, b)}".encode()).digest()
+    return "test" if digest[0] % 5 == 0 else "train"
 
 
 def _operands(rng, split, lo, hi):
