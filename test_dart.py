@@ -589,12 +589,18 @@ def test_fit_effects_recovers_planted_lambdas_from_sampled_successes():
     assert np.abs(residuals).max() > 0  # overdetermined with noise: residuals are reported
 
 
-def test_lambda23_closed_form():
+def test_effects_closed_forms():
+    """Each effect is a difference of variants (DESIGN.md section 7), which pins every row of
+    the design matrix: e.g. lambda12 is what M_Tool's adapter does on reasoning tokens."""
     rng = np.random.default_rng(2)
     Z = rng.normal(size=(6, 20))
     fitted, _ = leas.fit_effects(leas.design_matrix(), Z)
     z = dict(zip(leas.VARIANTS, Z))
-    assert np.allclose(fitted[5], z["M_Unified"] - z["M_Tool"] - z["M_Reas"] + z["Base"])
+    closed = {"lambda1": z["Base"], "lambda2": z["H_Tool"] - z["Base"], "lambda3": z["H_Reas"] - z["Base"],
+              "lambda12": z["M_Tool"] - z["H_Tool"], "lambda13": z["M_Reas"] - z["H_Reas"],
+              "lambda23": z["M_Unified"] - z["M_Tool"] - z["M_Reas"] + z["Base"]}
+    for name, row in zip(leas.EFFECTS, fitted):
+        assert np.allclose(row, closed[name]), name
 
 
 def test_smoothed_logit_is_finite_and_symmetric():
