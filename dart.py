@@ -844,7 +844,8 @@ def evaluate(policy, registry, tasks, cfg, batch_size=256):
     for family in sorted({t.family for t in tasks}):
         metrics[f"acc_{family}"] = float(np.mean([c for c, t in zip(correct, tasks) if t.family == family]))
     metrics["tool_calls"] = float(np.mean(calls))
-    metrics["valid_calls"] = 1 - sum(invalid) / max(sum(observations), 1)  # share of answered calls that worked
+    # share of answered calls that worked; None (not 100%) when the policy made no call at all
+    metrics["valid_calls"] = 1 - sum(invalid) / sum(observations) if sum(observations) else None
     return metrics
 
 
@@ -1026,7 +1027,8 @@ def results_table(base, final):
         key = "test_acc" if family == "overall" else f"test_acc_{family}"
         rows.append((family, f"{base[key]:.0%}", f"{final[key]:.0%}"))
     rows.append(("tool calls / question", f"{base['test_tool_calls']:.2f}", f"{final['test_tool_calls']:.2f}"))
-    rows.append(("valid tool calls", f"{base['test_valid_calls']:.0%}", f"{final['test_valid_calls']:.0%}"))
+    share = lambda value: "n/a" if value is None else f"{value:.0%}"  # None: no tool call was made
+    rows.append(("valid tool calls", share(base["test_valid_calls"]), share(final["test_valid_calls"])))
     lines = [f"| {a:<22} | {b:>7} | {c:>7} |" for a, b, c in rows]
     lines.insert(1, f"|{'-' * 24}|{'-' * 8}:|{'-' * 8}:|")
     return "\n".join(lines)
@@ -1114,8 +1116,11 @@ def run_summary(run_dir, peak_mb):
 
 
 def mean_std(values, scale=1.0, digits=0):
-    """'mean±std' over seeds (sample std), or the single value."""
-    values = np.asarray(values, dtype=float) * scale
+    """'mean±std' over seeds (sample std), or the single value; None values (a share of zero
+    tool calls) are left out, and 'n/a' stands for none at all."""
+    values = np.asarray([v for v in values if v is not None], dtype=float) * scale
+    if not len(values):
+        return "n/a"
     return f"{values.mean():.{digits}f}±{values.std(ddof=1):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
 
 
@@ -1126,7 +1131,7 @@ def compare_table(results):
                                                   "peak MB", "s/step", "sampled tok/s", "trained tok/s"]
     base = next(iter(results.values()))[0]["base"]
     rows = [["base (no RL)"] + [f"{100 * base[k]:.0f}" for k in keys] +
-            [f"{100 * base['test_valid_calls']:.0f}", f"{base['test_tool_calls']:.2f}", "0", "", "", "", ""]]
+            [mean_std([base["test_valid_calls"]], 100), f"{base['test_tool_calls']:.2f}", "0", "", "", "", ""]]
     for mode, runs in results.items():
         final = [r["final"] for r in runs]
         rows.append([mode] + [mean_std([f[k] for f in final], 100) for k in keys] + [

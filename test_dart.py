@@ -841,6 +841,18 @@ def test_micro_batching_does_not_change_the_gradient(make_policy):
     assert all(torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-9) for k in grads[0])
 
 
+def test_no_tool_call_means_no_valid_call_share(make_policy):
+    """A policy that never calls a tool has no share of valid calls: reported as n/a, not 100%."""
+    tiny, cfg = make_policy("dart")
+    tasks = [toy_tasks.sample_task(random.Random(0), WORLD, "test", family) for family in toy_tasks.FAMILIES]
+    policy = dart.Policy(ScriptedModel(tiny.tok, tiny.special, ["No tool. <answer>7</answer>"] * 4), tiny.tok,
+                         tiny.special, dart.Routing("dart", 2, 4.0, "cpu"), "cpu")
+    metrics = {f"test_{k}": v for k, v in dart.evaluate(policy, REGISTRY, tasks, cfg).items()}
+    assert metrics["test_tool_calls"] == 0 and metrics["test_valid_calls"] is None
+    assert "| valid tool calls       |     n/a |     n/a |" in dart.results_table(metrics, metrics)
+    assert dart.mean_std([None], 100) == "n/a" and dart.mean_std([0.5, None, 1.0], 100) == "75±35"
+
+
 def test_reason_only_and_tool_only_train_their_own_tokens(scripted):
     out, policy = scripted(["Compute it. <calc>2+3</calc><answer>5</answer>"])
     response = out.ids[0, out.prompt_len:]
