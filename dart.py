@@ -16,7 +16,7 @@ token to exactly one of them. This file is the whole method, top to bottom:
     7. training loop, evaluation, checkpoints, report
     8. --compare: every mode on the same budget, one table; --bench: what each mode costs
 
-    python dart.py                        # tiny model, CPU-friendly, about 10 minutes
+    python dart.py                        # tiny model, about 5 minutes on 2 CPU cores
     python dart.py --mode=joint --steps=50
     python dart.py --model=Qwen/Qwen2.5-0.5B-Instruct --device=cuda
 """
@@ -427,11 +427,13 @@ def trajectory_ids(tok, special, trajectory, max_obs_tokens=None):
 
 
 def base_key(cfg):
-    """What the tiny base depends on: its base_* settings and the task world."""
+    """What the tiny base depends on: its base_* settings, the task world and the tags (a new tool
+    adds tags, which the cached tokenizer would lack)."""
     world = toy_tasks.make_world()
     key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("base_")}
     key["world"] = hashlib.sha256(json.dumps(world.kb, sort_keys=True).encode()).hexdigest()[:12]
     key["tasks"] = toy_tasks.tokenizer_corpus(world, n=20)
+    key["tags"] = TAGS
     return key
 
 

@@ -14,7 +14,7 @@ The paper's diagnostic half (DESIGN.md section 7), on the same tiny world as dar
     5. gradient directions: under the joint adapter, the policy gradient of a trajectory's
        reasoning tokens versus that of its tool tokens (the paper: nearly orthogonal).
 
-    python leas.py                 # all of it, about 15 minutes on a laptop CPU
+    python leas.py                 # all of it, about 8 minutes on 2 CPU cores (base cached)
     python leas.py grad            # only the gradient-direction analysis
     python leas.py --seeds=3       # three seeds per variant: an overdetermined fit
     python leas.py --runs=DIR --steps=40 --samples=8
