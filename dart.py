@@ -14,7 +14,7 @@ token to exactly one of them. This file is the whole method, top to bottom:
     5. the rollout engine: batched, KV-cached sampling with tool calls in the middle
     6. GRPO: group advantages, clipped objective, KL to the adapters-off reference
     7. training loop, evaluation, checkpoints, report
-    8. --compare: every mode on the same budget, one table; --bench: what each mode costs
+    8. --compare: the RL modes on the same budget, one table; --bench: the cost claims
 
     python dart.py                        # tiny model, about 5 minutes on 2 CPU cores
     python dart.py --mode=joint --steps=50
@@ -105,19 +105,20 @@ CHOICES = {"mode": MODES, "loss_agg": ("token_mean", "seq_mean", "dr_grpo"),
            "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", "float32", "bfloat16")}
 
 
-def parse_args(argv, defaults=None, usage=__doc__):
+def parse_args(argv, defaults=None, usage=__doc__, also=()):
     """--key=value overrides of a config dataclass (Config by default); anything unknown or
-    mistyped stops with one sentence naming the valid keys."""
+    mistyped stops with one sentence naming the valid keys. `also`: config classes whose
+    options another parser takes from the same command line (they are listed too)."""
     cfg = defaults or Config()
     kinds = {f.name: f.type for f in dataclasses.fields(cfg)}
-    valid = ", ".join(f"--{name}" for name in kinds)
+    defaults_shown = {f.name: getattr(c, f.name) for c in [type(cfg)(), *(kind() for kind in also)]
+                      for f in dataclasses.fields(c)}  # a name in both: the later class takes it
     for arg in argv:
         if arg in ("-h", "--help"):
-            sys.exit(usage + "\noptions (default):\n" + "\n".join(
-                f"  --{name}={getattr(type(cfg)(), name)}" for name in kinds))
+            sys.exit(usage + "\noptions (default):\n" + "\n".join(f"  --{k}={v}" for k, v in defaults_shown.items()))
         key, has_value, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or key not in kinds:
-            sys.exit(f"error: unknown option {arg!r}. Valid options: {valid}")
+            sys.exit(f"error: unknown option {arg!r}. Valid options: {', '.join('--' + k for k in defaults_shown)}")
         kind = kinds[key]
         if not has_value and kind is not bool:
             sys.exit(f"error: --{key} needs a value, e.g. --{key}={getattr(cfg, key)}")

@@ -323,7 +323,7 @@ def parse(argv):
     flags = [a for a in argv if a.startswith("-")]
     ours = [a for a in flags if a.removeprefix("--").partition("=")[0] in mine]
     lcfg = dart.parse_args(ours, LeasConfig(), usage=__doc__)
-    cfg = dart.parse_args([a for a in flags if a not in ours], usage=__doc__)
+    cfg = dart.parse_args([a for a in flags if a not in ours], usage=__doc__, also=(LeasConfig,))
     if cfg.mode != "dart":
         sys.exit("error: leas.py chooses the modes itself; drop --mode")
     return cfg, lcfg, bool(command)

@@ -828,6 +828,8 @@ def test_bad_user_input_stops_with_one_clear_sentence(cfg_factory, tmp_path):
         f.write(b"not a checkpoint")
     assert "checkpoint.pt" in one_line_exit(lambda: dart.main([f"--resume={run}"]))
     assert "grad" in one_line_exit(lambda: leas.parse(["gradient"]))
+    bad_leas_flag = one_line_exit(lambda: leas.parse(["--sample=4"]))  # names leas.py's options and dart.py's
+    assert "--samples" in bad_leas_flag and "--steps" in bad_leas_flag
 
 
 def test_micro_batching_does_not_change_the_gradient(make_policy):
