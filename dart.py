@@ -5,16 +5,17 @@ From "Reasoning and Tool-use Compete in Agentic RL" (arXiv 2602.00994). An agent
 interleaves free-text reasoning with tool calls. Trained the usual way, one set of
 parameters learns from every token, and the two behaviours interfere. DART freezes
 the backbone and gives each behaviour its own LoRA adapter; a fixed rule routes every
-token to exactly one of them. This file is the whole method, top to bottom:
+token to exactly one of them. This file is the whole method, in the order to read it:
 
-    1. config and command line
-    2. token roles: which adapter writes which token
-    3. the DART layer: two LoRA adapters as one gated rank-2r LoRA
-    4. models: the embedded tiny default (built and warm-started here) or any HF causal LM
-    5. the rollout engine: batched, KV-cached sampling with tool calls in the middle
-    6. GRPO: group advantages, clipped objective, KL to the adapters-off reference
-    7. training loop, evaluation, checkpoints, report
-    8. --compare: the RL modes on the same budget, one table; --bench: the cost claims
+    1. token roles: which adapter writes which token
+    2. the DART layer: two LoRA adapters as one gated rank-2r LoRA, and a routed forward
+       (sections 1-2 are one block that needs only torch: copy it into your own trainer)
+    3. GRPO: group advantages, token weights, the clipped loss with KL to the reference
+    4. the rollout engine: batched, KV-cached sampling with tool calls in the middle
+    5. the update: log-probs, loss masks, one GRPO step on a batch of rollouts
+    6. the training loop: RL steps, evaluation, checkpoints, adapters on disk
+    7. models: the embedded tiny default (built and warm-started here) or any HF causal LM
+    8. config and command line, the report, --compare, --bench
 
     python dart.py                        # tiny model, about 5 minutes on 2 CPU cores
     python dart.py --mode=joint --steps=50
@@ -43,123 +44,18 @@ import toy_tasks
 import tools
 
 # -----------------------------------------------------------------------------
-# 1. Config and command line
-
-
-@dataclass
-class Config:
-    # what to run
-    model: str = "tiny"          # "tiny" = embedded default; else an HF model name or directory
-    mode: str = "dart"           # see MODES
-    steps: int = 80              # RL steps
-    seed: int = 0
-    out: str = ""                # run directory; default runs/<time>-<mode>-s<seed>
-    resume: str = ""             # a run directory to continue from its last checkpoint
-    device: str = "auto"         # auto = cuda, else mps, else cpu
-    dtype: str = "auto"          # auto = bfloat16 autocast on cuda, float32 elsewhere
-    # adapters
-    rank: int = 8                # rank r of EACH adapter (DART has two: 2r units in all)
-    alpha: float = 16.0          # LoRA scale alpha / r
-    lora_dropout: float = 0.0
-    targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    # GRPO
-    questions_per_step: int = 8
-    group_size: int = 8          # G rollouts per question
-    lr: float = 2e-3
-    temperature: float = 1.0     # sampling temperature; log-probs use the same
-    clip_eps: float = 0.2
-    kl_beta: float = 0.01        # weight of k3 KL to the adapters-off reference (0 = skip it)
-    scale_std: bool = True       # False = Dr. GRPO advantages (no division by the group std)
-    loss_agg: str = "token_mean"  # token_mean | seq_mean | dr_grpo
-    updates_per_batch: int = 1   # > 1 makes the clipping matter; 1 = REINFORCE with a group baseline
-    micro_batch: int = 64        # rows per forward/backward in the update
-    max_grad_norm: float = 1.0
-    format_bonus: float = 0.0    # reward for a wrong but well-formed answer (paper: 0)
-    # rollout limits
-    max_new_tokens: int = 80
-    max_tool_calls: int = 4
-    max_arg_tokens: int = 24
-    max_obs_tokens: int = 16
-    # evaluation and checkpoints
-    eval_every: int = 20
-    eval_per_family: int = 50    # test questions per task family
-    save_every: int = 20
-    # the embedded tiny base (cached on disk under cache_dir, keyed by these base_* fields)
-    base_dim: int = 192
-    base_layers: int = 4
-    base_heads: int = 4
-    base_vocab: int = 400
-    base_steps: int = 600
-    base_batch: int = 32
-    base_lr: float = 1e-3
-    base_seed: int = 0
-    cache_dir: str = "runs/cache"
-    # --compare: every mode, same budget; --bench: the cost claims on one batch
-    compare: bool = False
-    seeds: int = 3
-    bench: bool = False
-
-
-MODES = ("joint", "joint2r", "dart", "reason_only", "tool_only", "mixlora", "two_agent")
-CHOICES = {"mode": MODES, "loss_agg": ("token_mean", "seq_mean", "dr_grpo"),
-           "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", "float32", "bfloat16")}
-
-
-def parse_args(argv, defaults=None, usage=__doc__, also=()):
-    """--key=value overrides of a config dataclass (Config by default); anything unknown or
-    mistyped stops with one sentence naming the valid keys. `also`: config classes whose
-    options another parser takes from the same command line (they are listed too)."""
-    cfg = defaults or Config()
-    kinds = {f.name: f.type for f in dataclasses.fields(cfg)}
-    defaults_shown = {f.name: getattr(c, f.name) for c in [type(cfg)(), *(kind() for kind in also)]
-                      for f in dataclasses.fields(c)}  # a name in both: the later class takes it
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            sys.exit(usage + "\noptions (default):\n" + "\n".join(f"  --{k}={v}" for k, v in defaults_shown.items()))
-        key, has_value, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in kinds:
-            sys.exit(f"error: unknown option {arg!r}. Valid options: {', '.join('--' + k for k in defaults_shown)}")
-        kind = kinds[key]
-        if not has_value and kind is not bool:
-            sys.exit(f"error: --{key} needs a value, e.g. --{key}={getattr(cfg, key)}")
-        try:
-            value = _parse_value(kind, text if has_value else "true")
-        except ValueError:
-            sys.exit(f"error: --{key} expects a {kind.__name__} value like --{key}={getattr(type(cfg)(), key)}, "
-                     f"not {text!r}")
-        if key in CHOICES and value not in CHOICES[key]:
-            sys.exit(f"error: --{key} must be one of {', '.join(CHOICES[key])}, not {value!r}")
-        setattr(cfg, key, value)
-    return cfg
-
-
-def _parse_value(kind, text):
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(text)
-        return text.lower() in ("true", "1", "yes")
-    return kind(text)
-
-
-def resolve_device(cfg):
-    if cfg.device != "auto":
-        return cfg.device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-# -----------------------------------------------------------------------------
-# 2. Token roles
+# 1. Token roles
 #
-# role(t) is the role of the token that position t PREDICTS. It is TOOL iff the
-# prefix up to and including token t is inside an open tool span: the last tool tag
-# so far is an opening one. The environment's <obs> also ends a span (it answers the
-# call, or reports a malformed one). So the position holding <calc> is TOOL (it
-# predicts the argument) and the position holding </calc> is REASONING.
+# role(t) is the role of the token that position t PREDICTS (position t's logits predict
+# token t+1). It is TOOL iff the prefix up to and including token t is inside an open tool
+# span: the last tool tag so far is an opening one. The environment's <obs> also ends a span
+# (it answers the call, or reports a malformed one). So the position holding <calc> is TOOL
+# (it predicts the argument) and the position holding </calc> is REASONING: deciding to call
+# a tool is a reasoning decision; the call's contents and its closing tag are tool tokens.
 
 REASONING, TOOL = 0, 1
 OBS, OBS_END, ANSWER, ANSWER_END = "<obs>", "</obs>", "<answer>", "</answer>"
+# every tag is ONE token; copying this block, put your own tool names in place of tools.TOOL_NAMES
 TOOL_TAGS = [tag for name in tools.TOOL_NAMES for tag in (f"<{name}>", f"</{name}>")]
 TAGS = TOOL_TAGS + [OBS, OBS_END, ANSWER, ANSWER_END]
 
@@ -175,11 +71,11 @@ class Special:
     eos: int
     pad: int
     open_ids: torch.Tensor = None
-    closer_ids: torch.Tensor = None   # closing tool tags and <obs>
+    span_end_ids: torch.Tensor = None   # what ends a tool span: closing tool tags and <obs>
 
     def __post_init__(self):
         self.open_ids = torch.tensor(sorted(self.opens))
-        self.closer_ids = torch.tensor(sorted(self.closes) + [self.obs])
+        self.span_end_ids = torch.tensor(sorted(self.closes) + [self.obs])
 
 
 def special_ids(tok):
@@ -196,21 +92,21 @@ def token_roles(ids, special):
     positions = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
     none = torch.full_like(ids, -1)
     last_open = torch.where(torch.isin(ids, special.open_ids.to(ids.device)), positions, none).cummax(-1).values
-    last_close = torch.where(torch.isin(ids, special.closer_ids.to(ids.device)), positions, none).cummax(-1).values
-    return (last_open > last_close).long()
+    last_end = torch.where(torch.isin(ids, special.span_end_ids.to(ids.device)), positions, none).cummax(-1).values
+    return (last_open > last_end).long()
 
 
 def next_role(role, token, special):
-    """The same rule, one token at a time, for the rollout engine (test_dart checks they agree)."""
+    """The same rule, one token at a time, for generation (a test checks that they agree)."""
     role = torch.where(torch.isin(token, special.open_ids.to(token.device)), TOOL, role)
-    return torch.where(torch.isin(token, special.closer_ids.to(token.device)), REASONING, role)
+    return torch.where(torch.isin(token, special.span_end_ids.to(token.device)), REASONING, role)
 
 
 # -----------------------------------------------------------------------------
-# 3. The DART layer
+# 2. The DART layer
 #
 # For a frozen linear W and two rank-r adapters stacked into A = [A_r; A_t] and
-# B = [B_r B_t], DESIGN.md section 3:
+# B = [B_r B_t]:
 #
 #     y = W x + B ( g(role) * (A x) )          g: (2r,) gate with the scale alpha/r folded in
 #
@@ -229,13 +125,14 @@ def next_role(role, token, special):
 # (joint2r is one rank-2r LoRA: alpha/(2r) per unit).
 BLOCK_GATES = {
     "joint": ((1.0,), (1.0,)),
-    "reason_only": ((1.0,), (1.0,)),
-    "tool_only": ((1.0,), (1.0,)),
     "joint2r": ((0.5, 0.5), (0.5, 0.5)),
     "dart": ((1.0, 0.0), (0.0, 1.0)),
-    "two_agent": ((1.0, 0.0), (0.0, 1.0)),  # each agent's forward sets every role to its own
+    "reason_only": ((1.0,), (1.0,)),
+    "tool_only": ((1.0,), (1.0,)),
     "mixlora": ((0.5, 0.5), (0.5, 0.5)),    # two blocks; a learned router sets each token's gate
+    "two_agent": ((1.0, 0.0), (0.0, 1.0)),  # each agent's forward sets every role to its own
 }
+MODES = tuple(BLOCK_GATES)
 
 
 class Routing:
@@ -286,42 +183,54 @@ class DartLinear(nn.Module):
         return y + F.linear(hidden * gate, self.lora_B)
 
 
-def attach_dart(model, cfg, device):
-    """Freeze the model and wrap every target linear in a DartLinear; returns the Routing."""
+def attach_dart(model, rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                    "up_proj", "down_proj"), mode="dart", dropout=0.0, seed=0):
+    """Freeze the model and wrap every linear named in `targets` in a DartLinear. Returns the
+    Routing: set its gate with routing.route(roles) before each forward."""
+    if mode not in BLOCK_GATES:
+        raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)}")
     for p in model.parameters():
         p.requires_grad_(False)
-    routing = Routing(cfg.mode, cfg.rank, cfg.alpha, device)
-    targets = set(cfg.targets.split(","))
-    generator = torch.Generator().manual_seed(cfg.seed)  # A's initialization is part of the seed
+    device = next(model.parameters()).device
+    routing = Routing(mode, rank, alpha, device)
+    generator = torch.Generator().manual_seed(seed)  # A's initialization is part of the seed
     wrapped = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, DartLinear(child, routing, cfg.lora_dropout, cfg.mode == "mixlora",
-                                                       generator))
+                setattr(module, child_name, DartLinear(child, routing, dropout, mode == "mixlora", generator))
                 wrapped += 1
     if wrapped == 0:
-        sys.exit(f"error: no linear layer named any of --targets={cfg.targets} in this model")
+        raise ValueError(f"no linear layer named any of {', '.join(targets)} in this model")
     model.eval()  # the frozen base never drops anything; lora_dropout_on() enables LoRA dropout in updates
     return routing
 
 
-def adapter_state(model):
-    """A copy of the trainable tensors (a copy: detach() alone would alias the live weights)."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+def routed_logits(model, routing, ids, attention_mask, position_ids, roles, caches=None, logits_to_keep=0):
+    """Float logits with every position routed by its role. two_agent runs one forward per
+    agent, each over the whole context with its own adapter (and its own KV cache), and takes
+    each position's logits from the agent of its role."""
+    agents = (REASONING, TOOL) if routing.mode == "two_agent" and routing.enabled else (None,)
+    logits = []
+    for i, agent in enumerate(agents):
+        routing.route(roles if agent is None else torch.full_like(roles, agent))
+        out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                    cache=caches[i] if caches else None, use_cache=caches is not None, logits_to_keep=logits_to_keep)
+        logits.append(out.logits.float())
+    if len(logits) == 1:
+        return logits[0]
+    kept_roles = roles[:, -logits[0].shape[1]:]
+    return torch.where(kept_roles[..., None] == TOOL, logits[1], logits[0])
 
 
-def load_adapter_block(model, state, block, rank):
-    """Copy a single-block adapter (a joint / reason_only / tool_only run) into block `block` of
-    this model's layers: the inference-time hybrids of LEAS cost no training."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            rows = slice(block * rank, (block + 1) * rank)
-            if name.endswith("lora_A"):
-                params[name][rows] = value
-            elif name.endswith("lora_B"):
-                params[name][:, rows] = value
+@contextlib.contextmanager
+def adapters_off(routing):
+    """The reference model of the KL term: the same weights with every adapter switched off."""
+    routing.enabled = False
+    try:
+        yield
+    finally:
+        routing.enabled = True
 
 
 @contextlib.contextmanager
@@ -337,23 +246,61 @@ def lora_dropout_on(model):
         for d in dropouts:
             d.eval()
 
-
-@contextlib.contextmanager
-def adapters_off(routing):
-    """The reference model of the KL term: the same weights with every adapter switched off."""
-    routing.enabled = False
-    try:
-        yield
-    finally:
-        routing.enabled = True
+# (end of the block to copy)
 
 
 # -----------------------------------------------------------------------------
-# 4. Models
+# 3. GRPO
 #
-# Either the embedded tiny default (a Llama config of ~2M parameters and a BPE trained on
-# the task vocabulary, warm-started on gold trajectories and cached), or any HF causal LM,
-# with the tags added as single tokens.
+# Per question, G rollouts; advantage A = (r - mean) / (std + 1e-4) within the group.
+# Per generated token, with ratio rho = pi / pi_old:
+#
+#     loss_t = -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + beta * KL_k3(pi, pi_ref)
+#     KL_k3  = exp(ref - logp) - (ref - logp) - 1        (Schulman's k3: unbiased, >= 0)
+#
+# pi_ref is the same model with its adapters off. With one update per batch (and no LoRA
+# dropout) pi_old = pi, rho = 1 and the gradient is REINFORCE with a group-mean baseline;
+# the clip only acts when updates_per_batch > 1.
+
+
+def group_advantages(rewards, scale_std=True):
+    """(Q, G) rewards -> (Q, G) advantages. A group whose rewards are all equal gets zeros."""
+    centered = rewards - rewards.mean(-1, keepdim=True)
+    if not scale_std:  # Dr. GRPO: no division by the std (it over-weights near-solved questions)
+        return centered
+    return centered / (rewards.std(-1, keepdim=True, unbiased=False) + 1e-4)
+
+
+def token_weights(mask, loss_agg, max_new_tokens):
+    """(B, N) weights so that loss = sum(weights * per-token loss) over the whole batch; computed
+    once, so micro-batching the update leaves the loss unchanged."""
+    mask = mask.float()
+    if loss_agg == "token_mean":  # every token counts the same (DAPO)
+        return mask / mask.sum().clamp(min=1)
+    if loss_agg == "seq_mean":    # mean per sequence, then over the sequences that carry loss (GRPO)
+        carrying = (mask.sum(-1, keepdim=True) > 0).sum().clamp(min=1)
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * carrying)
+    return mask / (mask.shape[0] * max_new_tokens)  # dr_grpo: a constant normalizer, the budget
+
+
+def token_loss(logp, old_logp, ref_logp, advantages, clip_eps, kl_beta):
+    """Per-token GRPO loss and k3 KL, for (B, N) log-probs under the current, sampling and
+    reference policies and (B, 1) advantages. Callers zero the slots without loss first: an
+    inf there would survive a mask in the forward and turn into NaN in the backward."""
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    return -surrogate + kl_beta * kl, kl
+
+
+# -----------------------------------------------------------------------------
+# 4. The rollout engine
+#
+# Our own sampling loop, not generate(): the adapter switches per token and tool results
+# are spliced in mid-sequence. All rows advance one token per step. Each row has a queue
+# of forced tokens: when it closes a tool call, the tool runs and the observation's tokens
+# are queued; they are fed instead of sampled ones and carry no loss. Prompts are
+# left-padded, with an explicit attention mask and position ids, the same as in training.
 
 # The instructions hold whole tool spans, so the positions inside them are routed to the tool
 # adapter, the same way in rollout and training; a prompt must never hold an unclosed tag.
@@ -377,19 +324,10 @@ class Policy:
             return contextlib.nullcontext()
         return torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype)
 
-
-def build_tokenizer(cfg, world):
-    """Byte-level BPE trained on the task templates, every digit its own token, tags atomic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.base_vocab, special_tokens=["<pad>", "<bos>", "<eos>"] + TAGS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(toy_tasks.tokenizer_corpus(world), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    def logits(self, ids, attention_mask, position_ids, roles, caches=None, logits_to_keep=0):
+        with self.autocast():
+            return routed_logits(self.model, self.routing, ids, attention_mask, position_ids, roles, caches,
+                                 logits_to_keep)
 
 
 def prompt_ids(tok, question):
@@ -427,135 +365,6 @@ def trajectory_ids(tok, special, trajectory, max_obs_tokens=None):
     return ids, policy
 
 
-def base_key(cfg):
-    """What the tiny base depends on: its base_* settings, the task world and the tags (a new tool
-    adds tags, which the cached tokenizer would lack)."""
-    world = toy_tasks.make_world()
-    key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("base_")}
-    key["world"] = hashlib.sha256(json.dumps(world.kb, sort_keys=True).encode()).hexdigest()[:12]
-    key["tasks"] = toy_tasks.tokenizer_corpus(world, n=20)
-    key["tags"] = TAGS
-    return key
-
-
-def tiny_base(cfg):
-    """The embedded default: load it from the cache, or build and warm-start it (and cache it)."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-    key = base_key(cfg)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(cfg.cache_dir, f"tiny-{digest}")
-    if not os.path.exists(os.path.join(path, "base.json")):
-        model, tok = warm_start(cfg)
-        tmp = f"{path}.tmp{os.getpid()}"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        with open(os.path.join(tmp, "base.json"), "w") as f:
-            json.dump(key, f, indent=1)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)  # a half-written cache is never mistaken for a finished one
-    tok = PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
-
-
-def new_tiny_model(cfg, tok):
-    """A randomly initialized Llama of the base_* size (a few M parameters)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.base_dim, intermediate_size=3 * cfg.base_dim,
-                         num_hidden_layers=cfg.base_layers, num_attention_heads=cfg.base_heads,
-                         num_key_value_heads=cfg.base_heads, max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(config)
-
-
-def warm_start(cfg):
-    """Supervised training on gold trajectories, loss on the tokens the policy writes. Short on
-    purpose: the base should know the format but leave room for RL (the paper starts from an
-    instruct model, not from an expert)."""
-    world = toy_tasks.make_world()
-    tok = build_tokenizer(cfg, world)
-    special = special_ids(tok)
-    torch.manual_seed(cfg.base_seed)
-    model = new_tiny_model(cfg, tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.01)
-    warmup = max(1, cfg.base_steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.base_steps))))
-    rng = random.Random(cfg.base_seed)
-    bar = tqdm(range(cfg.base_steps), desc="warm start (tiny base)", leave=False)
-    for _ in bar:
-        rows = []
-        for _ in range(cfg.base_batch):
-            task = toy_tasks.sample_task(rng, world, "train")
-            prompt = prompt_ids(tok, task.question)
-            ids, policy = trajectory_ids(tok, special, toy_tasks.demonstration(rng, task))
-            rows.append((prompt + ids, [0] * len(prompt) + policy))
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r, _ in rows])
-        target_mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows], dtype=torch.bool)
-        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in rows])
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-        labels = ids[:, 1:].masked_fill(~target_mask[:, 1:], -100)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval(), tok
-
-
-def hf_model(name):
-    """Any HF causal LM; the tags become single tokens whose embeddings start as the mean of
-    the embeddings of their text's ordinary pieces."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1  # hub ids are owner/name
-    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
-        sys.exit(f"error: --model={name} looks like a path but no such directory exists; pass a folder "
-                 f"with config.json and weights, or omit --model for the embedded tiny model.")
-    try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32)
-    except Exception as e:  # hub, network and format errors all mean the same thing to the user
-        sys.exit(f"error: cannot load --model={name} ({type(e).__name__}: {str(e).splitlines()[0][:150]}). "
-                 f"Pass a folder with config.json and weights, or omit --model for the embedded tiny model.")
-    pieces = {tag: tok.encode(tag, add_special_tokens=False) for tag in TAGS}
-    tok.add_tokens(TAGS, special_tokens=True)
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    with torch.no_grad():
-        for matrix in {id(m): m for m in (model.get_input_embeddings().weight,
-                                          model.get_output_embeddings().weight)}.values():
-            for tag, ids in pieces.items():
-                matrix[tok.convert_tokens_to_ids(tag)] = matrix[ids].mean(0)
-    return model, tok
-
-
-def load_policy(cfg):
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # our own bars say what is happening
-    device = resolve_device(cfg)
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device=cuda but no CUDA device is visible; use --device=cpu")
-    model, tok = tiny_base(cfg) if cfg.model == "tiny" else hf_model(cfg.model)
-    if tok.eos_token_id is None:
-        sys.exit(f"error: the tokenizer of --model={cfg.model} has no eos token")
-    model.to(device)
-    routing = attach_dart(model, cfg, device)
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else None, "float32": None,
-             "bfloat16": torch.bfloat16}[cfg.dtype]
-    return Policy(model, tok, special_ids(tok), routing, device, dtype)
-
-
-# -----------------------------------------------------------------------------
-# 5. The rollout engine
-#
-# Our own sampling loop, not generate(): the adapter switches per token and tool results
-# are spliced in mid-sequence. All rows advance one token per step. Each row has a queue
-# of forced tokens: when it closes a tool call, the tool runs and the observation's tokens
-# are queued; they are fed instead of sampled ones and carry no loss. Prompts are
-# left-padded, with an explicit attention mask and position ids, the same as in training.
-
-
 def positions(attention_mask):
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
@@ -565,33 +374,13 @@ def new_caches(policy):
     return [DynamicCache() for _ in range(2 if policy.routing.mode == "two_agent" else 1)]
 
 
-def forward(policy, ids, attention_mask, position_ids, roles, caches=None, logits_to_keep=0):
-    """Logits with every position routed by its role. two_agent runs one forward per agent,
-    each over the whole context with its own adapter, and takes each position's logits from
-    the agent of its role."""
-    routing = policy.routing
-    agents = (REASONING, TOOL) if routing.mode == "two_agent" and routing.enabled else (None,)
-    logits = []
-    for i, agent in enumerate(agents):
-        routing.route(roles if agent is None else torch.full_like(roles, agent))
-        with policy.autocast():
-            out = policy.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=caches[i] if caches else None, use_cache=caches is not None,
-                               logits_to_keep=logits_to_keep)
-        logits.append(out.logits.float())
-    if len(logits) == 1:
-        return logits[0]
-    kept_roles = roles[:, -logits[0].shape[1]:]
-    return torch.where(kept_roles[..., None] == TOOL, logits[1], logits[0])
-
-
 @dataclass
 class Rollout:
     ids: torch.Tensor             # (B, P + N) left-padded prompt, then N response slots
     attention_mask: torch.Tensor  # (B, P + N) 1 on real tokens
     roles: torch.Tensor           # (B, P + N) role each position was routed with
-    sampled: torch.Tensor         # (B, N) True where the policy wrote the token (the loss mask)
-    logprobs: torch.Tensor        # (B, N) sampling log-prob of each sampled token (0 elsewhere)
+    written_by_policy: torch.Tensor  # (B, N) True where the policy wrote the token (the loss mask)
+    logprobs: torch.Tensor        # (B, N) sampling log-prob of each policy token (0 elsewhere)
     texts: list                   # decoded responses
     tool_calls: list              # per row: calls that reached a tool (at most max_tool_calls)
     observations: list            # per row: observations the environment inserted
@@ -599,12 +388,12 @@ class Rollout:
 
     @property
     def prompt_len(self):
-        return self.ids.shape[1] - self.sampled.shape[1]
+        return self.ids.shape[1] - self.written_by_policy.shape[1]
 
 
 @dataclass
-class Row:
-    """The environment's view of one trajectory."""
+class EnvState:
+    """The environment's state for one trajectory."""
     queue: deque = field(default_factory=deque)  # forced tokens still to feed
     tool: str = None                            # open tool span, if any
     argument: list = field(default_factory=list)
@@ -613,35 +402,35 @@ class Row:
     invalid: int = 0
 
 
-def react(row, token, policy, registry, cfg):
+def env_step(state, token, policy, registry, cfg):
     """The environment's answer to one token the policy wrote. Malformed calls (nested, unclosed,
     stray closing tag, unknown tool, too long, over the call limit) become error observations."""
     special = policy.special
     result = None
     if token in special.opens:
-        if row.tool is not None:
+        if state.tool is not None:
             result = "error: a tool call cannot contain another"
-        elif row.calls >= cfg.max_tool_calls:
+        elif state.calls >= cfg.max_tool_calls:
             result = f"error: at most {cfg.max_tool_calls} tool calls"
         else:
-            row.tool, row.argument = special.opens[token], []
+            state.tool, state.argument = special.opens[token], []
     elif token in special.closes:
-        if row.tool != special.closes[token]:
+        if state.tool != special.closes[token]:
             result = "error: closing tag without an open call"
         else:
-            row.calls += 1
-            result = tools.run_tool(registry, row.tool, policy.tok.decode(row.argument))
+            state.calls += 1
+            result = tools.run_tool(registry, state.tool, policy.tok.decode(state.argument))
     elif token == special.obs:
-        row.tool = None  # the policy wrote <obs> itself: by the role rule the span is over
-    elif row.tool is not None:
-        row.argument.append(token)
-        if len(row.argument) > cfg.max_arg_tokens:
+        state.tool = None  # the policy wrote <obs> itself: by the role rule the span is over
+    elif state.tool is not None:
+        state.argument.append(token)
+        if len(state.argument) > cfg.max_arg_tokens:
             result = f"error: tool call longer than {cfg.max_arg_tokens} tokens"
     if result is not None:
-        row.tool = None
-        row.observations += 1
-        row.invalid += result.startswith("error:")
-        row.queue.extend(observation_ids(policy.tok, special, result, cfg.max_obs_tokens))
+        state.tool = None
+        state.observations += 1
+        state.invalid += result.startswith("error:")
+        state.queue.extend(observation_ids(policy.tok, special, result, cfg.max_obs_tokens))
 
 
 def sample(logits, temperature, generator):
@@ -666,83 +455,53 @@ def rollout(policy, registry, prompts, cfg, temperature, generator=None):
         attention[i, width - len(prompt):] = 1
     roles = token_roles(ids, special)
     caches = new_caches(policy)
-    logits = forward(policy, ids, attention, positions(attention), roles, caches, logits_to_keep=1)[:, -1]
-    rows = [Row() for _ in range(batch)]
+    logits = policy.logits(ids, attention, positions(attention), roles, caches, logits_to_keep=1)[:, -1]
+    states = [EnvState() for _ in range(batch)]
     active = torch.ones(batch, dtype=torch.bool, device=device)
     role, position = roles[:, -1], positions(attention)[:, -1]
-    new_ids, new_attention, new_roles, sampled_mask, logprobs = [], [], [], [], []
+    new_ids, new_attention, new_roles, by_policy, logprobs = [], [], [], [], []
     stops = torch.tensor([special.eos, special.answer_end], device=device)
     for _ in range(cfg.max_new_tokens):
-        sampled, logp = sample(logits, temperature, generator)
-        forced = torch.tensor([row.queue.popleft() if row.queue else -1 for row in rows], device=device)
-        is_sampled = active & (forced < 0)
-        token = torch.where(forced >= 0, forced, sampled).masked_fill(~active, special.pad)
+        sampled_token, logp = sample(logits, temperature, generator)
+        forced = torch.tensor([state.queue.popleft() if state.queue else -1 for state in states], device=device)
+        is_policy = active & (forced < 0)
+        token = torch.where(forced >= 0, forced, sampled_token).masked_fill(~active, special.pad)
         tokens = token.tolist()
-        for i in is_sampled.nonzero().flatten().tolist():
-            react(rows[i], tokens[i], policy, registry, cfg)
+        for i in is_policy.nonzero().flatten().tolist():
+            env_step(states[i], tokens[i], policy, registry, cfg)
         role = next_role(role, token, special)
         position = position + active.long()
         new_ids.append(token)
         new_attention.append(active.long())
         new_roles.append(role)
-        sampled_mask.append(is_sampled)
-        logprobs.append(torch.where(is_sampled, logp, 0.0))
-        active = active & ~(is_sampled & torch.isin(token, stops))
+        by_policy.append(is_policy)
+        logprobs.append(torch.where(is_policy, logp, 0.0))
+        active = active & ~(is_policy & torch.isin(token, stops))
         if not active.any():
             break
         attention = torch.cat([attention, new_attention[-1][:, None]], 1)
-        logits = forward(policy, token[:, None], attention, position[:, None], role[:, None], caches, 1)[:, -1]
+        logits = policy.logits(token[:, None], attention, position[:, None], role[:, None], caches, 1)[:, -1]
     response = torch.stack(new_ids, 1)
     response_attention = torch.stack(new_attention, 1)
     texts = [policy.tok.decode(r[m.bool()].tolist()) for r, m in zip(response, response_attention)]
     return Rollout(ids=torch.cat([ids, response], 1),
                    attention_mask=torch.cat([attention[:, :width], response_attention], 1),
                    roles=torch.cat([roles, torch.stack(new_roles, 1)], 1),
-                   sampled=torch.stack(sampled_mask, 1), logprobs=torch.stack(logprobs, 1), texts=texts,
-                   tool_calls=[r.calls for r in rows], observations=[r.observations for r in rows],
-                   invalid_calls=[r.invalid for r in rows])
+                   written_by_policy=torch.stack(by_policy, 1), logprobs=torch.stack(logprobs, 1), texts=texts,
+                   tool_calls=[s.calls for s in states], observations=[s.observations for s in states],
+                   invalid_calls=[s.invalid for s in states])
 
 
 # -----------------------------------------------------------------------------
-# 6. GRPO
-#
-# Per question, G rollouts; advantage A = (r - mean) / (std + 1e-4) within the group.
-# Per generated token, with ratio rho = pi / pi_old:
-#
-#     loss_t = -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + beta * KL_k3(pi, pi_ref)
-#     KL_k3  = exp(ref - logp) - (ref - logp) - 1        (Schulman's k3: unbiased, >= 0)
-#
-# pi_ref is the same model with its adapters off. With one update per batch (and no LoRA
-# dropout) pi_old = pi, rho = 1 and the gradient is REINFORCE with a group-mean baseline;
-# the clip only acts when updates_per_batch > 1.
-
-
-def group_advantages(rewards, scale_std=True):
-    """(Q, G) rewards -> (Q, G) advantages. A group whose rewards are all equal gets zeros."""
-    centered = rewards - rewards.mean(-1, keepdim=True)
-    if not scale_std:  # Dr. GRPO: no division by the std (it over-weights near-solved questions)
-        return centered
-    return centered / (rewards.std(-1, keepdim=True, unbiased=False) + 1e-4)
-
-
-def token_weights(mask, loss_agg, max_new_tokens):
-    """(B, N) weights so that loss = sum(weights * per-token loss) over the whole batch; computed
-    once, so micro-batching the update leaves the loss unchanged."""
-    mask = mask.float()
-    if loss_agg == "token_mean":  # every token counts the same (DAPO)
-        return mask / mask.sum().clamp(min=1)
-    if loss_agg == "seq_mean":    # mean per sequence, then over the sequences that carry loss (GRPO)
-        carrying = (mask.sum(-1, keepdim=True) > 0).sum().clamp(min=1)
-        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * carrying)
-    return mask / (mask.shape[0] * max_new_tokens)  # dr_grpo: a constant normalizer, the budget
+# 5. The update
 
 
 def response_logprobs(policy, ids, attention_mask, prompt_len, temperature):
     """Log-probs of the response tokens, and the policy's entropy at each response position,
     from one training forward over the same ids, mask, positions and roles the rollout used."""
     width = ids.shape[1] - prompt_len
-    logits = forward(policy, ids, attention_mask, positions(attention_mask), token_roles(ids, policy.special),
-                     logits_to_keep=width + 1)[:, :-1]
+    logits = policy.logits(ids, attention_mask, positions(attention_mask), token_roles(ids, policy.special),
+                           logits_to_keep=width + 1)[:, :-1]
     logp_all = torch.log_softmax(logits / temperature, -1)
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -753,20 +512,10 @@ def loss_mask(batch, special, mode):
     """Which response tokens carry loss: those the policy wrote, of the role(s) the mode trains."""
     target_roles = token_roles(batch.ids, special)[:, batch.prompt_len - 1:-1]  # role that predicted each token
     if mode == "reason_only":
-        return batch.sampled & (target_roles == REASONING), target_roles
+        return batch.written_by_policy & (target_roles == REASONING), target_roles
     if mode == "tool_only":
-        return batch.sampled & (target_roles == TOOL), target_roles
-    return batch.sampled, target_roles
-
-
-def token_loss(logp, old_logp, ref_logp, advantages, clip_eps, kl_beta):
-    """Per-token GRPO loss and k3 KL, for (B, N) log-probs under the current, sampling and
-    reference policies and (B, 1) advantages. Callers zero the slots without loss first: an
-    inf there would survive a mask in the forward and turn into NaN in the backward."""
-    ratio = torch.exp(logp - old_logp)
-    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
-    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-    return -surrogate + kl_beta * kl, kl
+        return batch.written_by_policy & (target_roles == TOOL), target_roles
+    return batch.written_by_policy, target_roles
 
 
 def make_optimizer(policy, cfg):
@@ -829,7 +578,11 @@ def grpo_update(policy, optimizer, batch, advantages, cfg):
 
 
 # -----------------------------------------------------------------------------
-# 7. Training loop, evaluation, checkpoints, report
+# 6. The training loop, evaluation, checkpoints
+
+
+class DartError(Exception):
+    """A problem with the user's input or files: main() prints it as one line, no traceback."""
 
 
 @torch.no_grad()
@@ -892,6 +645,32 @@ def rl_step(policy, optimizer, registry, world, cfg, step):
     return metrics, speed
 
 
+def adapter_state(model):
+    """A copy of the trainable tensors (a copy: detach() alone would alias the live weights)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state):
+    """Load adapter tensors; every trainable tensor must be there (the frozen base is not)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        raise DartError(f"adapters for another configuration: {len(set(state) ^ trainable)} tensors differ")
+    model.load_state_dict(state, strict=False)
+
+
+def load_adapter_block(model, state, block, rank):
+    """Copy a single-block adapter (a joint / reason_only / tool_only run) into block `block` of
+    this model's layers: the inference-time hybrids of LEAS cost no training."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            rows = slice(block * rank, (block + 1) * rank)
+            if name.endswith("lora_A"):
+                params[name][rows] = value
+            elif name.endswith("lora_B"):
+                params[name][:, rows] = value
+
+
 def atomic_write(path, write):
     """Write to a temporary file and rename: a run killed mid-write keeps the previous file."""
     tmp = f"{path}.tmp"
@@ -918,23 +697,51 @@ def load_checkpoint(run_dir, policy, optimizer):
         load_trainable(policy.model, state["adapters"])
         optimizer.load_state_dict(state["optimizer"])
     except Exception as e:  # any failure here means the file is not a checkpoint of this run
-        sys.exit(f"error: cannot resume from {path} ({type(e).__name__}: {str(e)[:200]}). Delete that file "
-                 f"to restart the run from step 0, or resume with the settings it was made with.")
+        raise DartError(f"cannot resume from {path} ({type(e).__name__}: {str(e)[:200]}). Delete that file "
+                        f"to restart the run from step 0, or resume with the settings it was made with.") from e
     return state["step"]
-
-
-def load_trainable(model, state):
-    """Load adapter tensors; every trainable tensor must be there (the frozen base is not)."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(state) != trainable:
-        raise ValueError(f"adapters for another configuration: {len(set(state) ^ trainable)} tensors differ")
-    model.load_state_dict(state, strict=False)
 
 
 def load_adapters(path, policy):
     """Load adapters.safetensors (a finished run's output) into a policy built with the same config."""
     from safetensors.torch import load_file
     load_trainable(policy.model, load_file(path, device=policy.device))
+
+
+def export_peft(run_dir):
+    """Write a run's adapters as PEFT LoRA adapters, one folder per block: peft/reasoning and
+    peft/tool for dart and two_agent, peft/shared for the one-adapter modes. Loaded with PEFT on
+    the base the run trained on, each gives the logits DART gives with every token in that role."""
+    from safetensors.torch import load_file, save_file
+    cfg = saved_config(run_dir)
+    if cfg.mode == "mixlora":
+        raise DartError("mixlora's per-token soft router has no PEFT LoRA equivalent")
+    path = os.path.join(run_dir, "adapters.safetensors")
+    if not os.path.exists(path):
+        raise DartError(f"{run_dir} has no adapters.safetensors yet (the run saves them at its first checkpoint)")
+    state = load_file(path)
+    names = ("reasoning", "tool") if BLOCK_GATES[cfg.mode] == BLOCK_GATES["dart"] else ("shared",)
+    rank = cfg.rank * (2 if cfg.mode == "joint2r" else 1)  # joint2r: one rank-2r LoRA, scale alpha / 2r
+    written = []
+    for block, name in enumerate(names):
+        rows = slice(block * rank, (block + 1) * rank)
+        tensors = {}
+        for key, value in state.items():  # e.g. model.layers.0.self_attn.q_proj.lora_A
+            module, part = key.rsplit(".", 1)
+            tensors[f"base_model.model.{module}.{part}.weight"] = (value[rows] if part == "lora_A"
+                                                                   else value[:, rows]).contiguous()
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": cfg.alpha,
+                  "lora_dropout": cfg.lora_dropout, "bias": "none", "fan_in_fan_out": False,
+                  "target_modules": sorted({k.rsplit(".", 2)[1] for k in state}),
+                  "base_model_name_or_path": os.path.abspath(base_path(cfg)), "inference_mode": True,
+                  "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None}
+        folder = os.path.join(run_dir, "peft", name)
+        os.makedirs(folder, exist_ok=True)
+        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        written.append(folder)
+    return written
 
 
 def read_jsonl(path):
@@ -955,8 +762,8 @@ def keep_steps_before(path, step):
 def saved_config(run_dir):
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
-        sys.exit(f"error: {run_dir} is not a run directory (no config.json in it). Pass --resume the "
-                 f"folder a previous run printed, e.g. runs/<time>-dart-s0.")
+        raise DartError(f"{run_dir} is not a run directory (no config.json in it). Pass the folder a previous "
+                        f"run printed, e.g. runs/<time>-dart-s0.")
     with open(path) as f:
         return Config(**json.load(f))
 
@@ -975,7 +782,7 @@ def train(cfg, report=True):
     JSON object per step; eval results on eval steps), speed.jsonl, checkpoint.pt,
     adapters.safetensors and results.md."""
     if cfg.temperature <= 0:
-        sys.exit("error: --temperature must be > 0 for training (log-probs are taken at it)")
+        raise DartError("--temperature must be > 0 for training (log-probs are taken at it)")
     run_dir = prepare_run_dir(cfg)
     policy = load_policy(cfg)
     world = toy_tasks.make_world()
@@ -1006,6 +813,326 @@ def train(cfg, report=True):
     if report:
         print_report(run_dir, table, curve, policy, registry, test, cfg)
     return run_dir
+
+
+# -----------------------------------------------------------------------------
+# 7. Models
+#
+# The base the adapters sit on, cached on disk and reused: either the embedded tiny default
+# (a Llama of ~2M parameters and a BPE trained on the task vocabulary, built here), or any HF
+# causal LM with the tags added as single tokens. Both get a short supervised warm start on
+# the demonstrator's trajectories first, so that they know the format.
+
+
+def build_tokenizer(cfg, world):
+    """Byte-level BPE trained on the task templates, every digit its own token, tags atomic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.base_vocab, special_tokens=["<pad>", "<bos>", "<eos>"] + TAGS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(toy_tasks.tokenizer_corpus(world), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def new_tiny_model(cfg, tok):
+    """A randomly initialized Llama of the base_* size (a few M parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.base_dim, intermediate_size=3 * cfg.base_dim,
+                         num_hidden_layers=cfg.base_layers, num_attention_heads=cfg.base_heads,
+                         num_key_value_heads=cfg.base_heads, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def warm_start(model, tok, params, steps, batch_size, lr, seed, desc, amp_dtype=None):
+    """Supervised training on the demonstrator's trajectories, loss on the tokens the policy
+    writes. Short on purpose: the base should know the format but leave room for RL (the paper
+    starts from an instruct model, not from an expert)."""
+    world = toy_tasks.make_world()
+    special = special_ids(tok)
+    pad = special.pad
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    rng = random.Random(seed)
+    autocast = torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for _ in bar:
+        rows = []
+        for _ in range(batch_size):
+            task = toy_tasks.sample_task(rng, world, "train")
+            prompt = prompt_ids(tok, task.question)
+            ids, policy = trajectory_ids(tok, special, toy_tasks.demonstration(rng, task))
+            rows.append((prompt + ids, [0] * len(prompt) + policy))
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r, _ in rows])
+        target_mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows], dtype=torch.bool)
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in rows])
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        labels = ids[:, 1:].masked_fill(~target_mask[:, 1:], -100)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def build_tiny_base(cfg):
+    """The embedded default: a tokenizer and a random tiny Llama, warm-started from scratch."""
+    tok = build_tokenizer(cfg, toy_tasks.make_world())
+    torch.manual_seed(cfg.base_seed)
+    model = new_tiny_model(cfg, tok)
+    params = list(model.parameters())
+    return warm_start(model, tok, params, cfg.base_steps, cfg.base_batch, cfg.base_lr, cfg.base_seed,
+                      "warm start (tiny base)"), tok
+
+
+def hf_model(name):
+    """Any HF causal LM, with the tags as single tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1  # hub ids are owner/name
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        raise DartError(f"--model={name} looks like a path but no such directory exists; pass a folder "
+                        f"with config.json and weights, or omit --model for the embedded tiny model.")
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32)
+    except Exception as e:  # hub, network and format errors all mean the same thing to the user
+        raise DartError(f"cannot load --model={name} ({type(e).__name__}: {str(e).splitlines()[0][:150]}). "
+                        f"Pass a folder with config.json and weights, or omit --model for the embedded tiny "
+                        f"model.") from e
+    add_tag_tokens(model, tok)
+    return model, tok
+
+
+def add_tag_tokens(model, tok):
+    """Make every tag one token. A tag the tokenizer lacks is added; its input and output
+    embeddings start as the mean of the embeddings of its text's ordinary pieces."""
+    missing = [tag for tag in TAGS if tag not in tok.get_vocab()]
+    if not missing:
+        return
+    pieces = {tag: tok.encode(tag, add_special_tokens=False) for tag in missing}
+    tok.add_tokens(missing, special_tokens=True)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        for matrix in {id(m): m for m in (model.get_input_embeddings().weight,
+                                          model.get_output_embeddings().weight)}.values():
+            for tag, ids in pieces.items():
+                matrix[tok.convert_tokens_to_ids(tag)] = matrix[ids].mean(0)
+
+
+def build_hf_base(cfg):
+    """--model with the tags added, warm-started for cfg.warm_start steps (0: none)."""
+    model, tok = hf_model(cfg.model)
+    if cfg.warm_start > 0:
+        torch.manual_seed(cfg.base_seed)
+        amp = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+        warm_start(model.train(), tok, list(model.parameters()), cfg.warm_start, cfg.warm_batch, cfg.warm_lr,
+                   cfg.base_seed, f"warm start ({cfg.model})", amp)
+    return model.eval(), tok
+
+
+def folder_fingerprint(name):
+    """What identifies a local model folder's contents cheaply: its config and its files' sizes."""
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path):
+        return name  # a hub id
+    files = sorted((f, os.path.getsize(os.path.join(path, f))) for f in os.listdir(path))
+    config = open(os.path.join(path, "config.json")).read() if os.path.exists(os.path.join(path, "config.json")) else ""
+    return hashlib.sha256(json.dumps([files, config]).encode()).hexdigest()[:12]
+
+
+def base_key(cfg):
+    """What the cached base depends on: the model (tiny: its base_* settings), the warm start's
+    settings, the task world and the tags (a new tool adds tags, which the cache would lack)."""
+    world = toy_tasks.make_world()
+    if cfg.model == "tiny":
+        key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("base_")}
+    else:
+        key = {"model": cfg.model, "fingerprint": folder_fingerprint(cfg.model), "base_seed": cfg.base_seed,
+               "dtype": cfg.dtype, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                                      if f.name.startswith("warm_")}}
+    key["world"] = hashlib.sha256(json.dumps(world.kb, sort_keys=True).encode()).hexdigest()[:12]
+    key["tasks"] = toy_tasks.tokenizer_corpus(world, n=20)
+    key["tags"] = TAGS
+    return key
+
+
+def base_path(cfg):
+    """The cached base's folder: an ordinary HF model folder (config, weights, tokenizer)."""
+    digest = hashlib.sha256(json.dumps(base_key(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    name = "tiny" if cfg.model == "tiny" else "".join(
+        c if c.isalnum() else "-" for c in os.path.basename(os.path.normpath(cfg.model)))
+    return os.path.join(cfg.cache_dir, f"{name}-{digest}")
+
+
+def load_base(cfg):
+    """The base model and tokenizer: from the cache, or built, warm-started and cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = base_path(cfg)
+    if not os.path.exists(os.path.join(path, "base.json")):
+        model, tok = build_tiny_base(cfg) if cfg.model == "tiny" else build_hf_base(cfg)
+        tmp = f"{path}.tmp{os.getpid()}"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "base.json"), "w") as f:
+            json.dump(base_key(cfg), f, indent=1)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)  # a half-written cache is never mistaken for a finished one
+    tok = AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
+
+
+def resolve_device(cfg):
+    if cfg.device != "auto":
+        return cfg.device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def load_policy(cfg):
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # our own bars say what is happening
+    device = resolve_device(cfg)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DartError("--device=cuda but no CUDA device is visible; use --device=cpu")
+    model, tok = load_base(cfg)
+    if tok.eos_token_id is None:
+        raise DartError(f"the tokenizer of --model={cfg.model} has no eos token")
+    model.to(device)
+    try:
+        routing = attach_dart(model, cfg.rank, cfg.alpha, cfg.targets.split(","), cfg.mode, cfg.lora_dropout, cfg.seed)
+    except ValueError as e:
+        raise DartError(f"{e} (--targets={cfg.targets})") from e
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else None, "float32": None,
+             "bfloat16": torch.bfloat16}[cfg.dtype]
+    return Policy(model, tok, special_ids(tok), routing, device, dtype)
+
+
+# -----------------------------------------------------------------------------
+# 8. Config and command line, the report, --compare, --bench
+
+
+def option(default, help):
+    """A config field with its one-line help text (python dart.py --help prints it)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to run
+    model: str = option("tiny", "'tiny' = the embedded default; else an HF model name or folder")
+    mode: str = option("dart", "which adapters write which tokens: " + ", ".join(MODES))
+    steps: int = option(80, "RL steps")
+    seed: int = option(0, "seed of the adapters' initialization, the questions and the sampling")
+    out: str = option("", "run directory; default runs/<time>-<mode>-s<seed>")
+    resume: str = option("", "a run directory to continue from its last checkpoint")
+    device: str = option("auto", "auto = cuda, else mps, else cpu")
+    dtype: str = option("auto", "auto = bfloat16 autocast on cuda, float32 elsewhere")
+    # adapters
+    rank: int = option(8, "rank r of EACH adapter (DART has two: 2r units in all)")
+    alpha: float = option(16.0, "LoRA scale is alpha / r")
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch, in updates only")
+    targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                          "names of the linear layers that get adapters")
+    # GRPO
+    questions_per_step: int = option(8, "questions per RL step")
+    group_size: int = option(8, "G rollouts per question")
+    lr: float = option(2e-3, "AdamW learning rate of the adapters")
+    temperature: float = option(1.0, "sampling temperature; log-probs use the same")
+    clip_eps: float = option(0.2, "PPO clip range of the ratio")
+    kl_beta: float = option(0.01, "weight of the k3 KL to the adapters-off reference (0 = skip it)")
+    scale_std: bool = option(True, "divide advantages by the group std (false = Dr. GRPO)")
+    loss_agg: str = option("token_mean", "token_mean | seq_mean | dr_grpo")
+    updates_per_batch: int = option(1, "> 1 makes the clipping matter; 1 = REINFORCE with a group baseline")
+    micro_batch: int = option(64, "rows per forward/backward in the update")
+    max_grad_norm: float = option(1.0, "gradient clipping")
+    format_bonus: float = option(0.0, "reward for a wrong but well-formed answer (paper: 0)")
+    # rollout limits
+    max_new_tokens: int = option(80, "tokens per response, observations included")
+    max_tool_calls: int = option(4, "tool calls per response")
+    max_arg_tokens: int = option(24, "tokens in one tool call's argument")
+    max_obs_tokens: int = option(16, "tokens of one observation")
+    # evaluation and checkpoints
+    eval_every: int = option(20, "RL steps between greedy test evaluations")
+    eval_per_family: int = option(50, "test questions per task family")
+    save_every: int = option(20, "RL steps between checkpoints")
+    # the embedded tiny base (cached on disk under cache_dir, keyed by these base_* fields)
+    base_dim: int = option(192, "tiny base: hidden size")
+    base_layers: int = option(4, "tiny base: layers")
+    base_heads: int = option(4, "tiny base: attention heads")
+    base_vocab: int = option(400, "tiny base: BPE vocabulary size")
+    base_steps: int = option(600, "tiny base: supervised warm-start steps")
+    base_batch: int = option(32, "tiny base: warm-start batch size")
+    base_lr: float = option(1e-3, "tiny base: warm-start learning rate")
+    base_seed: int = option(0, "seed of the base's warm start (tiny base: of its weights too)")
+    # the supervised format warm start of a --model, cached with it (the tiny base has its own)
+    warm_start: int = option(60, "--model: warm-start steps on demonstrations before RL (0 = none)")
+    warm_batch: int = option(8, "--model: warm-start batch size")
+    warm_lr: float = option(1e-4, "--model: warm-start learning rate")
+    cache_dir: str = option("runs/cache", "where warm-started bases are cached")
+    # other commands
+    compare: bool = option(False, "train every mode on the same budget and print one table")
+    seeds: int = option(3, "--compare: seeds per mode")
+    bench: bool = option(False, "measure the cost claims on one batch")
+    export_peft: str = option("", "write this run directory's adapters as PEFT LoRA adapters (in RUN/peft)")
+
+
+CHOICES = {"mode": MODES, "loss_agg": ("token_mean", "seq_mean", "dr_grpo"),
+           "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", "float32", "bfloat16")}
+
+
+def parse_args(argv, defaults=None, names=None):
+    """--key=value overrides of a config dataclass (Config by default). Anything unknown or
+    mistyped raises DartError naming the valid keys (`names`: the list to show, when another
+    parser takes the other flags of the same command line)."""
+    cfg = defaults or Config()
+    kinds = {f.name: f.type for f in dataclasses.fields(cfg)}
+    for arg in argv:
+        key, has_value, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in kinds:
+            raise DartError(f"unknown option {arg!r}. Valid options: {', '.join('--' + k for k in names or kinds)}")
+        kind = kinds[key]
+        if not has_value and kind is not bool:
+            raise DartError(f"--{key} needs a value, e.g. --{key}={getattr(cfg, key)}")
+        try:
+            value = _parse_value(kind, text if has_value else "true")
+        except ValueError:
+            raise DartError(f"--{key} expects a {kind.__name__} value like --{key}={getattr(type(cfg)(), key)}, "
+                            f"not {text!r}") from None
+        if key in CHOICES and value not in CHOICES[key]:
+            raise DartError(f"--{key} must be one of {', '.join(CHOICES[key])}, not {value!r}")
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _parse_value(kind, text):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1", "yes")
+    return kind(text)
+
+
+def help_text(usage, *config_classes):
+    """The docstring, then every option with its default and its help."""
+    lines, shown = [usage, "options (default):"], set()
+    for kind in config_classes:
+        for f in dataclasses.fields(kind):
+            if f.name not in shown:  # a name in two classes: the first one parses it
+                lines.append(f"  --{f.name}={f.default}".ljust(36) + f"  {f.metadata['help']}")
+                shown.add(f.name)
+    return "\n".join(lines)
 
 
 # ---- what the user sees at the end ----
@@ -1046,7 +1173,7 @@ def render_trajectory(policy, batch, row, colour):
     for j, token in enumerate(response.tolist()):
         if not batch.attention_mask[row, batch.prompt_len + j]:
             break
-        writer = "observation" if not batch.sampled[row, j] else ("tool" if roles[j] == TOOL else "reasoning")
+        writer = "observation" if not batch.written_by_policy[row, j] else ("tool" if roles[j] == TOOL else "reasoning")
         text = policy.tok.decode([token])
         pieces.append(f"{COLOURS[writer]}{text}{RESET}" if colour else text)
     return "".join(pieces)
@@ -1074,8 +1201,7 @@ def print_report(run_dir, table, curve, policy, registry, test, cfg):
     print(f"run directory: {run_dir}")
 
 
-# -----------------------------------------------------------------------------
-# 8. --compare and --bench
+# ---- --compare and --bench ----
 #
 # The paper's claim is a comparison: DART beats shared-parameter GRPO (joint) at equal
 # budget, and comes close to two separate agents (two_agent) at one model's memory.
@@ -1206,7 +1332,7 @@ def bench(cfg, repeats=5):
         started = clock(device)
         out = rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
         engine_s.append(clock(device) - started)
-        steps = out.sampled.shape[1]
+        steps = out.written_by_policy.shape[1]
         dart_policy.routing.gate = dart_policy.routing.table[REASONING]  # one gate for every token
         started = clock(device)
         with torch.no_grad(), dart_policy.autocast():
@@ -1231,17 +1357,31 @@ def bench(cfg, repeats=5):
     return result
 
 
-def main(argv):
+def run_command(argv):
+    if {"-h", "--help"} & set(argv):
+        print(help_text(__doc__, Config))
+        return
     cfg = parse_args(argv)
     if cfg.resume:
         cfg = parse_args(argv, defaults=saved_config(cfg.resume))
         cfg.out = cfg.resume
-    if cfg.compare:
+    if cfg.export_peft:
+        for path in export_peft(cfg.export_peft):
+            print(f"wrote {path}")
+    elif cfg.compare:
         compare(cfg)
     elif cfg.bench:
         bench(cfg)
     else:
         train(cfg)
+
+
+def main(argv):
+    """The command line: library errors (DartError) become one line, no traceback."""
+    try:
+        run_command(argv)
+    except DartError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

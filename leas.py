@@ -1,7 +1,8 @@
 """
 LEAS: do reasoning and tool use interfere when trained together, and by how much?
 
-The paper's diagnostic half (DESIGN.md section 7), on the same tiny world as dart.py:
+The paper's diagnostic half (v2 of the paper calls it Capability Effect Attribution), on
+the same tiny world as dart.py:
 
     1. train three adapters with dart.py's own loop: reason_only (M_Reas), tool_only
        (M_Tool) and joint (M_Unified), same seed, steps and hyperparameters;
@@ -34,17 +35,18 @@ from tqdm import tqdm
 import dart
 import toy_tasks
 import tools
+from dart import DartError, option
 
 
 @dataclass
 class LeasConfig:
-    runs: str = "runs/leas"      # where the variants are trained, or reused if already there
-    seeds: int = 1               # K seeds per trained variant; K > 1 stacks rows (overdetermined)
-    samples: int = 16            # N answers per test question per variant
-    per_family: int = 25         # test questions per task family (sampled at --temperature)
-    bootstrap: int = 2000        # resamples of questions for the 95% intervals
-    grad_questions: int = 8      # gradient analysis: questions ...
-    grad_rollouts: int = 8       # ... and rollouts of each
+    runs: str = option("runs/leas", "where the variants are trained, or reused if already there")
+    seeds: int = option(1, "K seeds per trained variant; K > 1 stacks rows (overdetermined)")
+    samples: int = option(16, "N answers per test question per variant")
+    per_family: int = option(25, "test questions per task family (sampled at --temperature)")
+    bootstrap: int = option(2000, "resamples of questions for the 95% intervals")
+    grad_questions: int = option(8, "gradient analysis: questions ...")
+    grad_rollouts: int = option(8, "... and rollouts of each")
 
 
 # -----------------------------------------------------------------------------
@@ -162,7 +164,8 @@ def attribute(counts, tasks, lcfg):
     K = np.stack([counts[r] for r in rows])                     # (rows, questions)
     kept = K.max(0) > 0                                         # some variant solved it at least once
     if not kept.any():
-        sys.exit("error: no variant solved any test question even once; train longer (--steps) or sample more (--samples)")
+        raise DartError("no variant solved any test question even once; train longer (--steps) or sample more "
+                        "(--samples)")
     X = design_matrix([v for v, _ in rows])
     lambdas, residuals = fit_effects(X, smoothed_logit(K[:, kept], lcfg.samples))
     rng = np.random.default_rng(0)
@@ -316,16 +319,17 @@ def gradient_table(result):
 
 def parse(argv):
     """Split the flags between LeasConfig and dart.Config; 'grad' selects the gradient part."""
-    mine = {f.name for f in dataclasses.fields(LeasConfig)}
+    mine = [f.name for f in dataclasses.fields(LeasConfig)]
+    names = mine + [f.name for f in dataclasses.fields(dart.Config)]
     command = [a for a in argv if not a.startswith("-")]
     if command not in ([], ["grad"]):
-        sys.exit(f"error: unknown command {' '.join(command)!r}; the only command is 'grad'")
+        raise DartError(f"unknown command {' '.join(command)!r}; the only command is 'grad'")
     flags = [a for a in argv if a.startswith("-")]
     ours = [a for a in flags if a.removeprefix("--").partition("=")[0] in mine]
-    lcfg = dart.parse_args(ours, LeasConfig(), usage=__doc__)
-    cfg = dart.parse_args([a for a in flags if a not in ours], usage=__doc__, also=(LeasConfig,))
+    lcfg = dart.parse_args(ours, LeasConfig(), names)
+    cfg = dart.parse_args([a for a in flags if a not in ours], names=names)
     if cfg.mode != "dart":
-        sys.exit("error: leas.py chooses the modes itself; drop --mode")
+        raise DartError("leas.py chooses the modes itself; drop --mode")
     return cfg, lcfg, bool(command)
 
 
@@ -357,5 +361,16 @@ def run(cfg, lcfg, grad_only=False):
     return report
 
 
+def main(argv):
+    """The command line: library errors (DartError) become one line, no traceback."""
+    if {"-h", "--help"} & set(argv):
+        print(dart.help_text(__doc__, LeasConfig, dart.Config))
+        return
+    try:
+        run(*parse(argv))
+    except DartError as e:
+        sys.exit(f"error: {e}")
+
+
 if __name__ == "__main__":
-    run(*parse(sys.argv[1:]))
+    main(sys.argv[1:])

@@ -71,6 +71,10 @@ def encode(policy, text):
     return policy.tok.encode(text, add_special_tokens=False)
 
 
+def routed(policy, ids, attention, position, roles):
+    return policy.logits(ids, attention, position, roles)
+
+
 # ---------------------------------------------------------------------------
 # tools.py: the calculator and lookup
 
@@ -277,22 +281,22 @@ def block_view(policy, block):
 @pytest.mark.parametrize("mode", dart.MODES)
 def test_zero_init_equals_base_model(make_policy, mode):
     policy, cfg = make_policy(mode)
-    base, _ = dart.tiny_base(cfg)
+    base, _ = dart.load_base(cfg)
     ids, attention, position, roles = batch_of(policy)
     with torch.no_grad():
-        ours = dart.forward(policy, ids, attention, position, roles)
+        ours = routed(policy, ids, attention, position, roles)
         bare = base(input_ids=ids, attention_mask=attention, position_ids=position).logits
     assert torch.equal(ours, bare)
 
 
 def test_adapters_off_is_the_reference_model(make_policy):
     policy, cfg = make_policy("dart", randomize=0.05)
-    base, _ = dart.tiny_base(cfg)
+    base, _ = dart.load_base(cfg)
     ids, attention, position, roles = batch_of(policy)
     with torch.no_grad():
-        adapted = dart.forward(policy, ids, attention, position, roles)
+        adapted = routed(policy, ids, attention, position, roles)
         with dart.adapters_off(policy.routing):
-            off = dart.forward(policy, ids, attention, position, roles)
+            off = routed(policy, ids, attention, position, roles)
         bare = base(input_ids=ids, attention_mask=attention, position_ids=position).logits
     assert not torch.allclose(adapted, bare, atol=1e-3)  # the adapters do something...
     assert torch.equal(off, bare)                         # ...and switching them off removes it
@@ -306,8 +310,8 @@ def test_dart_with_one_role_is_a_single_lora(make_policy):
         dart.load_adapter_block(single.model, block_view(dual, role), 0, single.routing.rank)
         roles = torch.full_like(ids, role)
         with torch.no_grad():
-            a = dart.forward(dual, ids, attention, position, roles)
-            b = dart.forward(single, ids, attention, position, roles)
+            a = routed(dual, ids, attention, position, roles)
+            b = routed(single, ids, attention, position, roles)
         assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -340,7 +344,7 @@ def test_inactive_block_gets_exactly_zero_gradient_at_other_roles_positions(role
 def block_grad(policy, ids, attention, loss_positions, block=dart.TOOL):
     """Sum of |grad| over one adapter block's tensors, for a loss on the logits at loss_positions."""
     policy.model.zero_grad(set_to_none=True)
-    logits = dart.forward(policy, ids, attention, dart.positions(attention), dart.token_roles(ids, policy.special))
+    logits = routed(policy, ids, attention, dart.positions(attention), dart.token_roles(ids, policy.special))
     logits[loss_positions].logsumexp(-1).sum().backward()
     units = slice(block * policy.routing.rank, (block + 1) * policy.routing.rank)
     total = 0.0
@@ -365,7 +369,7 @@ def test_no_tool_span_gives_the_tool_block_no_gradient(make_policy):
 
 def test_two_agent_isolation_is_total(make_policy):
     """Attention carries a token's loss into the other role's adapter in `dart` (the caveat in
-    DESIGN.md); in `two_agent` neither role's loss ever reaches the other agent's adapter."""
+    the README's caveat); in `two_agent` neither role's loss ever reaches the other agent's adapter."""
     for mode, leaks in (("dart", True), ("two_agent", False)):
         policy, _ = make_policy(mode, randomize=0.05)
         ids, attention, _, roles = batch_of(policy, n=1)
@@ -401,8 +405,7 @@ class ScriptedModel(torch.nn.Module):
         self.vocab = len(tok)
         self.scripts = [tok.encode(s, add_special_tokens=False) + [special.eos] for s in scripts]
 
-    def forward(self, input_ids, past_key_values, **_):
-        cache = past_key_values
+    def forward(self, input_ids, cache, **_):
         if not hasattr(cache, "seen"):
             cache.seen, cache.prompt_len = input_ids, input_ids.shape[1]
         else:
@@ -457,14 +460,14 @@ def test_engine_runs_tools_and_forces_observations(scripted):
     # mask polarity: observation tokens and padding carry no loss; </answer> does
     for row in range(2):
         tokens = response[row][real[row]].tolist()
-        sampled = out.sampled[row][real[row]].tolist()
+        sampled = out.written_by_policy[row][real[row]].tolist()
         env = False
         for token, by_policy in zip(tokens, sampled):
             env = env or token == policy.special.obs
             assert by_policy == (not env)
             env = env and token != policy.special.obs_end
         assert tokens[-1] == policy.special.answer_end and sampled[-1]
-    assert not out.sampled[~real].any()  # padding after the end is not the policy's
+    assert not out.written_by_policy[~real].any()  # padding after the end is not the policy's
     # the roles the engine routed with are the role rule applied to its own output
     assert torch.equal(out.roles[out.attention_mask.bool()],
                        dart.token_roles(out.ids, policy.special)[out.attention_mask.bool()])
@@ -473,7 +476,7 @@ def test_engine_runs_tools_and_forces_observations(scripted):
 def test_engine_eos_carries_loss(scripted):
     out, policy = scripted(["Done"])  # the script ends with eos
     row = out.ids[0, out.prompt_len:][out.attention_mask[0, out.prompt_len:].bool()]
-    assert row[-1].item() == policy.special.eos and out.sampled[0, len(row) - 1]
+    assert row[-1].item() == policy.special.eos and out.written_by_policy[0, len(row) - 1]
 
 
 @pytest.mark.parametrize("script, error", [
@@ -511,20 +514,20 @@ def test_rollout_logprobs_equal_training_logprobs(make_policy, mode):
     tasks, prompts = prompts_for(policy, 8, seed=3)
     out = dart.rollout(policy, REGISTRY, prompts, cfg, 1.0, torch.Generator().manual_seed(0))
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
-    forced = out.attention_mask[:, out.prompt_len:].bool() & ~out.sampled
+    forced = out.attention_mask[:, out.prompt_len:].bool() & ~out.written_by_policy
     assert forced.any()  # observations were inserted
     with torch.no_grad():
         logp, _ = dart.response_logprobs(policy, out.ids, out.attention_mask, out.prompt_len, 1.0)
-    assert torch.allclose(logp[out.sampled], out.logprobs[out.sampled], atol=1e-4)
+    assert torch.allclose(logp[out.written_by_policy], out.logprobs[out.written_by_policy], atol=1e-4)
     assert torch.equal(out.roles[out.attention_mask.bool()],
                        dart.token_roles(out.ids, policy.special)[out.attention_mask.bool()])
 
 
 def assert_limits_hold(policy, out, cfg):
-    assert out.sampled.shape[1] <= cfg.max_new_tokens and max(out.tool_calls) <= cfg.max_tool_calls
+    assert out.written_by_policy.shape[1] <= cfg.max_new_tokens and max(out.tool_calls) <= cfg.max_tool_calls
     for row in range(len(out.ids)):
         real = out.attention_mask[row, out.prompt_len:].bool()
-        tokens, by_policy = out.ids[row, out.prompt_len:][real].tolist(), out.sampled[row][real].tolist()
+        tokens, by_policy = out.ids[row, out.prompt_len:][real].tolist(), out.written_by_policy[row][real].tolist()
         for start, (token, written) in enumerate(zip(tokens, by_policy)):
             if token == policy.special.obs and not written:  # an observation the environment inserted
                 rest = tokens[start + 1:]
@@ -590,7 +593,7 @@ def test_fit_effects_recovers_planted_lambdas_from_sampled_successes():
 
 
 def test_effects_closed_forms():
-    """Each effect is a difference of variants (DESIGN.md section 7), which pins every row of
+    """Each effect is a difference of variants (the paper's closed forms), which pins every row of
     the design matrix: e.g. lambda12 is what M_Tool's adapter does on reasoning tokens."""
     rng = np.random.default_rng(2)
     Z = rng.normal(size=(6, 20))
@@ -610,7 +613,7 @@ def test_smoothed_logit_is_finite_and_symmetric():
 
 def test_hybrids_place_adapters_in_role_blocks(make_policy):
     policy, cfg = make_policy("dart")
-    base, _ = dart.tiny_base(cfg)
+    base, _ = dart.load_base(cfg)
     shapes = {n: p[: cfg.rank].shape if n.endswith("lora_A") else p[:, : cfg.rank].shape
               for n, p in policy.model.named_parameters() if p.requires_grad}
     torch.manual_seed(1)
@@ -619,9 +622,9 @@ def test_hybrids_place_adapters_in_role_blocks(make_policy):
     with torch.no_grad():
         bare = base(input_ids=ids, attention_mask=attention, position_ids=position).logits
         leas.place(policy, states, "Base", 0)
-        assert torch.equal(dart.forward(policy, ids, attention, position, roles), bare)
+        assert torch.equal(routed(policy, ids, attention, position, roles), bare)
         leas.place(policy, states, "H_Tool", 0)
-        hybrid = dart.forward(policy, ids, attention, position, roles)
+        hybrid = routed(policy, ids, attention, position, roles)
     # before the first tool position nothing the tool adapter wrote is visible: the base speaks
     untouched = (roles.cumsum(-1) == 0) & attention.bool()
     assert torch.allclose(hybrid[untouched], bare[untouched], atol=1e-5)
@@ -714,7 +717,8 @@ def random_policy(cfg):
     tok = dart.build_tokenizer(cfg, WORLD)
     torch.manual_seed(0)
     model = dart.new_tiny_model(dataclasses.replace(cfg, base_dim=32, base_layers=1, base_heads=2), tok).eval()
-    return dart.Policy(model, tok, dart.special_ids(tok), dart.attach_dart(model, cfg, "cpu"), "cpu")
+    routing = dart.attach_dart(model, cfg.rank, cfg.alpha, cfg.targets.split(","), cfg.mode)
+    return dart.Policy(model, tok, dart.special_ids(tok), routing, "cpu")
 
 
 @pytest.mark.parametrize("source", ["random model", "tiny model at temperature 5"])
@@ -759,7 +763,7 @@ def test_non_finite_loss_skips_the_step_and_keeps_the_adapters(make_policy):
     optimizer = dart.make_optimizer(policy, cfg)
     before = dart.adapter_state(policy.model)
     advantages = torch.ones(8)
-    advantages[int(batch.sampled.any(-1).nonzero()[0])] = float("nan")  # poison a row that carries loss
+    advantages[int(batch.written_by_policy.any(-1).nonzero()[0])] = float("nan")  # poison a row that carries loss
     metrics = dart.grpo_update(policy, optimizer, batch, advantages, cfg)
     assert metrics["skipped"] == 1
     after = dart.adapter_state(policy.model)
@@ -805,31 +809,55 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(cfg_factory, tmp_p
     assert all(torch.equal(resumed[1][k], straight[1][k]) for k in straight[1])
 
 
-def one_line_exit(call):
+def one_line_exit(main, argv):
+    """What a command line prints for bad input: one sentence, no traceback."""
     with pytest.raises(SystemExit) as stop:
-        call()
+        main(argv)
     message = str(stop.value.code)
     assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
     return message
 
 
 def test_bad_user_input_stops_with_one_clear_sentence(cfg_factory, tmp_path):
-    assert "--steps" in one_line_exit(lambda: dart.parse_args(["--stpes=3"]))
-    assert "--seed" in one_line_exit(lambda: dart.parse_args(["-seed=3"]))
-    assert "int" in one_line_exit(lambda: dart.parse_args(["--steps=three"]))
-    assert "bool" in one_line_exit(lambda: dart.parse_args(["--scale_std=maybe"]))
-    assert "joint2r" in one_line_exit(lambda: dart.parse_args(["--mode=dartt"]))
-    assert "--steps" in one_line_exit(lambda: dart.parse_args(["--steps"]))
+    assert "--steps" in one_line_exit(dart.main, ["--stpes=3"])
+    assert "--seed" in one_line_exit(dart.main, ["-seed=3"])
+    assert "int" in one_line_exit(dart.main, ["--steps=three"])
+    assert "bool" in one_line_exit(dart.main, ["--scale_std=maybe"])
+    assert "joint2r" in one_line_exit(dart.main, ["--mode=dartt"])
+    assert "--steps" in one_line_exit(dart.main, ["--steps"])
     missing = str(tmp_path / "no-such-model")
-    assert missing in one_line_exit(lambda: dart.load_policy(cfg_factory(model=missing)))
-    assert "not a run directory" in one_line_exit(lambda: dart.main([f"--resume={tmp_path}"]))
+    assert missing in one_line_exit(dart.main, [f"--model={missing}", f"--out={tmp_path / 'm'}"])
+    assert "not a run directory" in one_line_exit(dart.main, [f"--resume={tmp_path}"])
     run = dart.train(cfg_factory(out=str(tmp_path / "run"), steps=1, questions_per_step=1), report=False)
     with open(os.path.join(run, "checkpoint.pt"), "wb") as f:
         f.write(b"not a checkpoint")
-    assert "checkpoint.pt" in one_line_exit(lambda: dart.main([f"--resume={run}"]))
-    assert "grad" in one_line_exit(lambda: leas.parse(["gradient"]))
-    bad_leas_flag = one_line_exit(lambda: leas.parse(["--sample=4"]))  # names leas.py's options and dart.py's
+    assert "checkpoint.pt" in one_line_exit(dart.main, [f"--resume={run}"])
+    assert "grad" in one_line_exit(leas.main, ["gradient"])
+    bad_leas_flag = one_line_exit(leas.main, ["--sample=4"])  # names leas.py's options and dart.py's
     assert "--samples" in bad_leas_flag and "--steps" in bad_leas_flag
+
+
+def test_library_functions_raise_instead_of_exiting(cfg_factory, tmp_path):
+    """Copied into another program, nothing calls sys.exit: errors are exceptions."""
+    with pytest.raises(dart.DartError, match="no such directory"):
+        dart.load_policy(cfg_factory(model=str(tmp_path / "no-such-model")))
+    with pytest.raises(dart.DartError, match="--targets=nothing_here"):
+        dart.load_policy(cfg_factory(targets="nothing_here"))
+    with pytest.raises(ValueError, match="no linear layer named"):
+        dart.attach_dart(torch.nn.Sequential(torch.nn.Linear(2, 2)), targets=("q_proj",))
+    with pytest.raises(dart.DartError, match="unknown option"):
+        dart.parse_args(["--stpes=3"])
+
+
+def test_every_option_has_help(capsys):
+    dart.main(["--help"])
+    printed = capsys.readouterr().out
+    for f in dataclasses.fields(dart.Config):
+        line = next(line for line in printed.splitlines() if line.strip().startswith(f"--{f.name}="))
+        assert len(line.split(None, 1)) == 2 and f.metadata["help"] in line
+    leas.main(["--help"])
+    printed = capsys.readouterr().out
+    assert all(f"--{f.name}=" in printed for f in dataclasses.fields(leas.LeasConfig))
 
 
 def test_micro_batching_does_not_change_the_gradient(make_policy):
@@ -875,5 +903,130 @@ def test_lora_dropout_acts_in_updates_only(make_policy):
         plain, _ = dart.response_logprobs(policy, first.ids, first.attention_mask, first.prompt_len, 1.0)
         with dart.lora_dropout_on(policy.model):
             dropped, _ = dart.response_logprobs(policy, first.ids, first.attention_mask, first.prompt_len, 1.0)
-    assert torch.allclose(plain[first.sampled], first.logprobs[first.sampled], atol=1e-4)
-    assert not torch.allclose(dropped[first.sampled], first.logprobs[first.sampled], atol=1e-3)
+    assert torch.allclose(plain[first.written_by_policy], first.logprobs[first.written_by_policy], atol=1e-4)
+    assert not torch.allclose(dropped[first.written_by_policy], first.logprobs[first.written_by_policy], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# the layer outside this repository: a README snippet, PEFT files
+
+
+@pytest.fixture(scope="session")
+def small_hf_folder(tmp_path_factory):
+    """A small random HF model of the kind users bring: a Llama config, a byte-level BPE tokenizer
+    (PreTrainedTokenizerFast) with a chat template and none of the tags, saved as an HF folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(toy_tasks.tokenizer_corpus(WORLD, n=300), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|pad|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=1024, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id))
+    folder = tmp_path_factory.mktemp("small-hf") / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def readme_code(section):
+    """The first python block of a README section, exactly as printed."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
+        text = f.read()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", body, re.DOTALL).group(1)
+
+
+def test_readme_layer_snippet_runs_and_routes_like_the_engine(small_hf_folder, tmp_path, monkeypatch):
+    """The README's "Use the DART layer in your own code" snippet, run verbatim on a small model
+    saved under the hub name it loads (from_pretrained takes a local folder of that name first).
+    Its generate() with the role hook produces the logits of the engine's routed forward."""
+    import shutil
+    code = readme_code("Use the DART layer in your own code")
+    name = re.search(r'name = "(.+?)"', code).group(1)
+    shutil.copytree(small_hf_folder, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snippet = {}
+    exec(code, snippet)
+    model, tok, special, routing = (snippet[k] for k in ("model", "tok", "special", "routing"))
+    assert all(len(tok.encode(tag, add_special_tokens=False)) == 1 for tag in dart.TAGS)
+    # its training step reached both adapters: the trajectory it trains on has both roles
+    moved = [block_view(SimpleNamespace(model=model, routing=routing), b) for b in (R, T)]
+    assert all(any(v.abs().sum() > 0 for k, v in m.items() if k.endswith("lora_B")) for m in moved)
+    with torch.no_grad():  # adapters far from zero, so that a wrongly routed token changes the logits
+        generator = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2, generator=generator)
+    policy = dart.Policy(model, tok, special, routing, "cpu")
+    for tail in ("", "Compute it. <calc>"):  # generation starts in a REASONING, then in a TOOL position
+        prompt = dart.prompt_ids(tok, "What is 12 plus 30?") + encode(policy, tail)
+        ids = torch.tensor([prompt])
+        out = snippet["generate_with_roles"](model, routing, special, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                             max_new_tokens=12, do_sample=False, output_logits=True,
+                                             return_dict_in_generate=True, pad_token_id=special.pad)
+        sequence = out.sequences
+        attention = torch.ones_like(sequence)
+        with torch.no_grad():
+            engine = policy.logits(sequence, attention, dart.positions(attention), dart.token_roles(sequence, special))
+        generated = torch.stack(out.logits, 1)[0]
+        assert torch.allclose(generated, engine[0, len(prompt) - 1:-1], atol=1e-4)
+        # and the engine, sampling greedily itself, writes the same tokens until its first observation
+        rolled = dart.rollout(policy, REGISTRY, [prompt], dataclasses.replace(dart.Config(), max_new_tokens=12), 0)
+        by_policy = rolled.written_by_policy[0]
+        agree = int(by_policy.long().cumprod(0).sum())
+        assert agree > 0 and torch.equal(rolled.ids[0, len(prompt):len(prompt) + agree], sequence[0, len(prompt):len(prompt) + agree])
+
+
+def test_peft_export_files_and_merged_logits(make_policy, cfg_factory, tmp_path):
+    """Each exported adapter has PEFT's file names, key names and shapes, and merged the way PEFT
+    merges a LoRA (W + lora_alpha / r * B A) gives the logits DART gives with every token in its role."""
+    from safetensors.torch import load_file
+    policy, cfg = make_policy("dart", randomize=0.05)
+    cfg.out = str(tmp_path / "run")
+    dart.prepare_run_dir(cfg)
+    dart.save_checkpoint(cfg.out, policy, dart.make_optimizer(policy, cfg), cfg, 1)
+    dart.main([f"--export_peft={cfg.out}"])
+    folders = [os.path.join(cfg.out, "peft", name) for name in ("reasoning", "tool")]
+    ids, attention, position, _ = batch_of(policy)
+    targets = set(cfg.targets.split(","))
+    for role, folder in zip((R, T), folders):
+        assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+        config = json.load(open(os.path.join(folder, "adapter_config.json")))
+        assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == ("LORA", "CAUSAL_LM", cfg.rank, cfg.alpha)
+        assert set(config["target_modules"]) == targets
+        assert config["base_model_name_or_path"] == os.path.abspath(dart.base_path(cfg))
+        base, _ = dart.load_base(cfg)  # what base_model_name_or_path names
+        linears = {n: m for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in targets}
+        tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
+        assert set(tensors) == {f"base_model.model.{n}.lora_{x}.weight" for n in linears for x in "AB"}
+        with torch.no_grad():
+            for n, m in linears.items():
+                A, B = tensors[f"base_model.model.{n}.lora_A.weight"], tensors[f"base_model.model.{n}.lora_B.weight"]
+                assert A.shape == (cfg.rank, m.in_features) and B.shape == (m.out_features, cfg.rank)
+                m.weight += config["lora_alpha"] / config["r"] * B @ A
+            merged = base(input_ids=ids, attention_mask=attention, position_ids=position).logits
+            expected = routed(policy, ids, attention, position, torch.full_like(ids, role))
+        assert torch.allclose(merged, expected, atol=1e-4)
+    for mode, names in (("joint2r", ["shared"]), ("two_agent", ["reasoning", "tool"])):
+        other, other_cfg = make_policy(mode)
+        other_cfg.out = str(tmp_path / mode)
+        dart.prepare_run_dir(other_cfg)
+        dart.save_checkpoint(other_cfg.out, other, dart.make_optimizer(other, other_cfg), other_cfg, 1)
+        assert [os.path.basename(f) for f in dart.export_peft(other_cfg.out)] == names
+    assert json.load(open(tmp_path / "joint2r" / "peft" / "shared" / "adapter_config.json"))["r"] == 2 * cfg.rank
+    mixed, mixed_cfg = make_policy("mixlora")
+    mixed_cfg.out = str(tmp_path / "mixlora")
+    dart.prepare_run_dir(mixed_cfg)
+    dart.save_checkpoint(mixed_cfg.out, mixed, dart.make_optimizer(mixed, mixed_cfg), mixed_cfg, 1)
+    with pytest.raises(dart.DartError, match="router"):
+        dart.export_peft(mixed_cfg.out)

@@ -11,7 +11,8 @@ look them up; questions come in four families:
     notool      Which is larger, 341 or 285?               needs no tool
 
 Every task carries its gold trajectory in the format the agent writes
-(DESIGN.md section 2); the warm start imitates those. Train and test use
+(tool calls as tagged spans, each followed by the environment's <obs>, then
+<answer>); the warm start imitates those. Train and test use
 disjoint entities and disjoint operand pairs, so test accuracy measures
 tool use, not memory.
 """
