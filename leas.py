@@ -41,7 +41,7 @@ from dart import DartError, option
 @dataclass
 class LeasConfig:
     runs: str = option("runs/leas", "where the variants are trained, or reused if already there")
-    seeds: int = option(1, "K seeds per trained variant; K > 1 stacks rows (overdetermined)")
+    seeds: int = option(3, "K seeds per trained variant, stacked in one fit and fitted one by one")
     samples: int = option(16, "N answers per test question per variant")
     per_family: int = option(25, "test questions per task family (sampled at --temperature)")
     bootstrap: int = option(2000, "resamples of questions for the 95% intervals")
@@ -85,6 +85,34 @@ def fit_effects(X, Z):
     return lambdas, Z - X @ lambdas
 
 
+T_975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)  # Student t quantiles, df = 1..10
+
+
+def seed_interval(values):
+    """Mean and 95% t-interval of a number measured once per seed (no interval from one seed):
+    the spread between training runs, which a bootstrap over questions does not see."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), None
+    df = len(values) - 1
+    t = T_975[df - 1] if df <= len(T_975) else 1.96 + 2.4 / df  # within 1% of the exact quantile
+    half = t * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean()), (float(values.mean() - half), float(values.mean() + half))
+
+
+def conclusion(mean_lambda23, interval):
+    """A finding only when the between-seed interval of mean lambda23 excludes the alternative."""
+    if interval is None:
+        return "no conclusion from one seed: there is no between-seed interval (use --seeds=3 or more)"
+    lo, hi = interval
+    where = f"mean lambda23 {mean_lambda23:+.2f}, between-seed 95% interval [{lo:+.2f}, {hi:+.2f}]"
+    if hi < 0:
+        return f"interference: joint training hurts ({where})"
+    if lo > 0:
+        return f"synergy, not interference: joint training helps ({where})"
+    return f"no conclusion at this budget: the interval includes 0 ({where})"
+
+
 def bootstrap_interval(values, resamples, rng, statistic=np.mean):
     idx = rng.integers(0, len(values), size=(resamples, len(values)))
     stats = statistic(values[idx], axis=1)
@@ -104,6 +132,9 @@ BLOCKS = {
     "H_Reas":    ("reason_only", None),
 }
 TRAINED = ("reason_only", "tool_only", "joint")
+# each variant's RL budget, shorter than dart.py's default so that nine runs (three variants,
+# three seeds) fit the time of one long run; evaluated once, at the end
+TRAINING = {"steps": 40, "eval_every": 40}
 
 
 def finished(run):
@@ -128,7 +159,8 @@ def train_variants(cfg, lcfg, modes=TRAINED):
         for mode in modes:
             run = dataclasses.replace(cfg, mode=mode, seed=seed, out=os.path.join(lcfg.runs, f"{mode}-s{seed}"))
             if finished(run):
-                print(f"reusing {run.out}")
+                if dart.rank_and_size()[0] == 0:
+                    print(f"reusing {run.out}")
             else:
                 dart.train(run, report=False)
             states[mode, seed] = load_file(os.path.join(run.out, "adapters.safetensors"))
@@ -181,8 +213,17 @@ def attribute(counts, tasks, lcfg):
         sel = l23 if family == "all" else l23[families == family]
         if len(sel):  # |lambda23| below 1e-9 is rounding noise: neither interference nor synergy
             shares[family] = (float((sel < -1e-9).mean()), float((sel > 1e-9).mean()), int(len(sel)))
+    per_seed = []  # the same fit on each seed's six variants alone
+    for seed in range(lcfg.seeds):
+        K_seed = np.stack([counts[v, seed] for v in VARIANTS])[:, kept]
+        l23_seed = fit_effects(design_matrix(), smoothed_logit(K_seed, lcfg.samples))[0][EFFECTS.index("lambda23")]
+        per_seed.append({"lambda23_mean": float(l23_seed.mean()), "interference_share": float((l23_seed < -1e-9).mean())})
+    between = {key: seed_interval([p[key] for p in per_seed]) for key in ("lambda23_mean", "interference_share")}
     kept_index = np.flatnonzero(kept)
     return {
+        "per_seed": per_seed,
+        "between_seeds": between,
+        "conclusion": conclusion(*between["lambda23_mean"]),
         "effects": summary,
         "interference_share_ci95": bootstrap_interval((l23 < -1e-9).astype(float), lcfg.bootstrap, rng),
         "lambda23_shares": shares,  # (share < 0, share > 0, questions) per family
@@ -214,7 +255,15 @@ def attribution_table(report, lcfg):
     for family, (neg, pos, n) in report["lambda23_shares"].items():
         lines.append(f"{family:<12} {neg:>11.0%} {pos:>11.0%} {n:>5}")
     lines.append(f"share with interference: {report['lambda23_shares']['all'][0]:.0%} "
-                 f"(95% CI {lo:.0%}-{hi:.0%}; paper: 62-67% in 3 of 4 settings)")
+                 f"(95% CI over questions {lo:.0%}-{hi:.0%}; paper: 62-67% in 3 of 4 settings)")
+    lines += ["", f"between seeds (each seed's six variants fitted alone, {lcfg.seeds} seed(s)):"]
+    for key, label, fmt in (("lambda23_mean", "mean lambda23", "{:+.2f}"),
+                            ("interference_share", "share with lambda23 < 0", "{:.0%}")):
+        mean, interval = report["between_seeds"][key]
+        spread = "" if interval is None else f", 95% t-interval [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
+        values = ", ".join(fmt.format(p[key]) for p in report["per_seed"])
+        lines.append(f"  {label:<24} per seed {values}: mean {fmt.format(mean)}{spread}")
+    lines.append(f"conclusion: {report['conclusion']}")
     return "\n".join(lines)
 
 
@@ -294,22 +343,31 @@ def histogram(values, bins=10, width=40):
             for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
 
 
-def gradient_table(result):
+def gradient_table(results):
+    """results: one gradient_directions() result per seed; cosines averaged within each seed,
+    then shown as the mean over seeds (and their range when there are several)."""
     keys = ("cross_role_same_trajectory", "reasoning_between_trajectories", "tool_between_trajectories")
-    if result["trajectories"] < 2:
-        return (f"gradient directions: only {result['trajectories']} sampled trajectories used both roles; "
-                f"raise --grad_questions or --grad_rollouts")
-    lines = [f"gradient directions under M_Unified (joint adapter), {result['trajectories']} trajectories "
-             f"with both roles", "",
-             f"{'params':<8} {'reasoning vs tool':>22} {'reasoning vs reasoning':>24} {'tool vs tool':>22}",
-             f"{'':<8} {'(same trajectory)':>22} {'(other trajectories)':>24} {'(other trajectories)':>22}"]
-    for scope in [k for k in result if k != "trajectories"]:
-        means = [float(np.mean(result[scope][k])) for k in keys]
+    usable = [r for r in results if r["trajectories"] >= 2]
+    if not usable:
+        return ("gradient directions: fewer than 2 sampled trajectories used both roles; raise --grad_questions "
+                "or --grad_rollouts")
+    lines = [f"gradient directions under M_Unified (joint adapter), {len(usable)} seed(s), "
+             f"{'/'.join(str(r['trajectories']) for r in usable)} trajectories with both roles", "",
+             f"{'params':<8} {'reasoning vs tool':>26} {'reasoning vs reasoning':>26} {'tool vs tool':>26}",
+             f"{'':<8} {'(same trajectory)':>26} {'(other trajectories)':>26} {'(other trajectories)':>26}"]
+
+    def cell(scope, key):
+        per_seed = [float(np.mean(r[scope][key])) for r in usable]
+        spread = f" [{min(per_seed):+.2f},{max(per_seed):+.2f}]" if len(per_seed) > 1 else ""
+        return f"{np.mean(per_seed):+.2f} ({angle(np.mean(per_seed)):2.0f} deg){spread}".rjust(26)
+
+    for scope in [k for k in usable[0] if k != "trajectories"]:
         label = "all" if scope == "all" else f"layer {scope}"
-        lines.append(f"{label:<8} " + " ".join(f"{'':>6}{m:+.2f} ({angle(m):3.0f} deg)" for m in means))
-    lines += ["", "cosine, reasoning vs tool on the same trajectory:"] + histogram(result["all"][keys[0]])
-    lines += ["cosine, same role on different trajectories (both roles):"] + histogram(
-        result["all"][keys[1]] + result["all"][keys[2]])
+        lines.append(f"{label:<8} " + " ".join(cell(scope, k) for k in keys))
+    pooled = lambda key: [c for r in usable for c in r["all"][key]]
+    lines += ["", "cosine, reasoning vs tool on the same trajectory (all seeds):"] + histogram(pooled(keys[0]))
+    lines += ["cosine, same role on different trajectories (both roles, all seeds):"] + histogram(
+        pooled(keys[1]) + pooled(keys[2]))
     return "\n".join(lines)
 
 
@@ -327,7 +385,7 @@ def parse(argv):
     flags = [a for a in argv if a.startswith("-")]
     ours = [a for a in flags if a.removeprefix("--").partition("=")[0] in mine]
     lcfg = dart.parse_args(ours, LeasConfig(), names)
-    cfg = dart.parse_args([a for a in flags if a not in ours], names=names)
+    cfg = dart.parse_args([a for a in flags if a not in ours], dart.Config(**TRAINING), names)
     if cfg.mode != "dart":
         raise DartError("leas.py chooses the modes itself; drop --mode")
     return cfg, lcfg, bool(command)
@@ -338,6 +396,8 @@ def run(cfg, lcfg, grad_only=False):
     world = toy_tasks.make_world()
     registry = tools.registry(world.kb)
     states = train_variants(cfg, lcfg, ("joint",) if grad_only else TRAINED)
+    if dart.rank_and_size()[0] > 0:
+        return {}  # under torchrun the variants train data-parallel; sampling and fitting run in rank 0
     policy = dart.load_policy(dataclasses.replace(cfg, mode="dart"))
     report = {}
     if not grad_only:
@@ -350,8 +410,10 @@ def run(cfg, lcfg, grad_only=False):
         report = attribute(counts, tasks, lcfg)
         print("\n" + attribution_table(report, lcfg))
     joint = dart.load_policy(dataclasses.replace(cfg, mode="joint"))
-    dart.load_adapter_block(joint.model, states["joint", 0], 0, joint.routing.rank)
-    report["gradients"] = gradient_directions(joint, registry, cfg, lcfg, world)
+    report["gradients"] = []
+    for seed in range(lcfg.seeds):
+        dart.load_adapter_block(joint.model, states["joint", seed], 0, joint.routing.rank)
+        report["gradients"].append(gradient_directions(joint, registry, cfg, lcfg, world))
     print("\n" + gradient_table(report["gradients"]))
     report["config"] = {"leas": dataclasses.asdict(lcfg), "train": dataclasses.asdict(cfg)}
     path = os.path.join(lcfg.runs, "leas_grad.json" if grad_only else "leas.json")
@@ -367,9 +429,14 @@ def main(argv):
         print(dart.help_text(__doc__, LeasConfig, dart.Config))
         return
     try:
-        run(*parse(argv))
+        cfg, lcfg, grad_only = parse(argv)
+        dart.init_distributed(cfg)
+        run(cfg, lcfg, grad_only)
     except DartError as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dart.rank_and_size()[1] > 1:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
