@@ -397,7 +397,9 @@ def test_trainable_parameter_counts(make_policy):
 
 class ScriptedModel(torch.nn.Module):
     """A stand-in model that writes fixed texts whatever the environment inserts, so the engine's
-    reaction to exact token sequences can be tested. It keeps what it has seen on its cache."""
+    reaction to exact token sequences can be tested. It keeps what it has seen on its cache, and
+    follows the engine when it copies prompt rows to their rollouts and drops finished rows (the
+    first rows must have distinct prompts: the engine reads one row per distinct prompt)."""
 
     def __init__(self, tok, special, scripts):
         super().__init__()
@@ -406,15 +408,24 @@ class ScriptedModel(torch.nn.Module):
         self.scripts = [tok.encode(s, add_special_tokens=False) + [special.eos] for s in scripts]
 
     def forward(self, input_ids, cache, **_):
-        if not hasattr(cache, "seen"):
-            cache.seen, cache.prompt_len = input_ids, input_ids.shape[1]
+        if not hasattr(cache, "seen"):  # the prompts
+            cache.seen, cache.prompt_len, cache.rows = input_ids, input_ids.shape[1], list(range(len(input_ids)))
+            cache.reorder_cache = lambda index, cache=cache: self.follow(cache, index.tolist())
         else:
             cache.seen = torch.cat([cache.seen, input_ids], 1)
         logits = torch.full((len(input_ids), 1, self.vocab), -1e4)
-        for row, script in enumerate(self.scripts):
-            written = self.written(cache.seen[row, cache.prompt_len:].tolist())
-            logits[row, 0, script[min(written, len(script) - 1)]] = 0.0
+        for i, row in enumerate(cache.rows):
+            script = self.scripts[row]
+            written = self.written(cache.seen[i, cache.prompt_len:].tolist())
+            logits[i, 0, script[min(written, len(script) - 1)]] = 0.0
         return SimpleNamespace(logits=logits)
+
+    @staticmethod
+    def follow(cache, index):
+        cache.seen = cache.seen[index]
+        expanded = getattr(cache, "expanded", False)  # the first reorder copies prompts to all rows
+        cache.rows = [cache.rows[i] for i in index] if expanded else list(range(len(index)))
+        cache.expanded = True
 
     def written(self, response):
         """How many response tokens the policy wrote: all but the environment's <obs>...</obs>."""
