@@ -293,8 +293,8 @@ def token_weights(mask, loss_agg, max_new_tokens, totals=None):
 
 
 def token_loss(logp, old_logp, ref_logp, advantages, clip_eps, kl_beta):
-    """Per-token GRPO loss and k3 KL, for (B, N) log-probs under the current, sampling and
-    reference policies and (B, 1) advantages. Callers zero the slots without loss first: an
+    """Per-token GRPO loss and k3 KL, for (B, N) log-probs under the current, old (first update
+    pass) and reference policies and (B, 1) advantages. Callers zero the slots without loss first: an
     inf there would survive a mask in the forward and turn into NaN in the backward."""
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
@@ -310,6 +310,8 @@ def token_loss(logp, old_logp, ref_logp, advantages, clip_eps, kl_beta):
 # of forced tokens: when it closes a tool call, the tool runs and the observation's tokens
 # are queued; they are fed instead of sampled ones and carry no loss. Prompts are
 # left-padded, with an explicit attention mask and position ids, the same as in training.
+# Two savings that leave the math unchanged: a question's G rows read their shared prompt
+# once (its KV cache is copied to each row), and a row that has finished leaves the batch.
 
 # The instructions hold whole tool spans, so the positions inside them are routed to the tool
 # adapter, the same way in rollout and training; a prompt must never hold an unclosed tag.
@@ -688,7 +690,8 @@ def grpo_update(policy, optimizer, batch, advantages, cfg):
             skipped = 1
             optimizer.zero_grad(set_to_none=True)
             break
-    counts = {name: (mask & (target_roles == role)).sum().item() for role, name in ((REASONING, "reason"), (TOOL, "tool"))}
+    counts = {name: (mask & (target_roles == role)).sum().item()
+              for role, name in ((REASONING, "reason"), (TOOL, "tool"))}
     summed = all_reduce_sum(torch.tensor(list(sums.values()) + list(counts.values()), dtype=torch.float64,
                                          device=mask.device)).tolist()
     sums, counts = dict(zip(sums, summed)), dict(zip(counts, summed[len(sums):]))
@@ -789,7 +792,8 @@ def rl_step(policy, optimizer, registry, world, cfg, step):
     started = clock(policy.device)
     batch = rollout(policy, registry, prompts, cfg, cfg.temperature, generator)
     rollout_seconds = clock(policy.device) - started
-    rewards = [toy_tasks.reward(text, tasks[i // cfg.group_size], cfg.format_bonus) for i, text in enumerate(batch.texts)]
+    rewards = [toy_tasks.reward(text, tasks[i // cfg.group_size], cfg.format_bonus)
+               for i, text in enumerate(batch.texts)]
     advantages = group_advantages(torch.tensor(rewards).view(len(tasks), cfg.group_size), cfg.scale_std)
     started = clock(policy.device)
     for group in optimizer.param_groups:
@@ -1595,7 +1599,7 @@ def compare(cfg):
                             if a in results and b in results)
     header = (f"{cfg.seeds} seed(s), {cfg.steps} RL steps of {cfg.questions_per_step}x{cfg.group_size} rollouts, "
               f"model {cfg.model}, device {device}; final test accuracy in %, mean±std over seeds")
-    report = f"{header}\n\n{table}\n\n{differences}\n\n{stability_table(results)}\n"
+    report = "\n\n".join(part for part in (header, table, differences, stability_table(results)) if part) + "\n"
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(report)
     with open(os.path.join(out, "compare.json"), "w") as f:

@@ -217,7 +217,8 @@ def attribute(counts, tasks, lcfg):
     for seed in range(lcfg.seeds):
         K_seed = np.stack([counts[v, seed] for v in VARIANTS])[:, kept]
         l23_seed = fit_effects(design_matrix(), smoothed_logit(K_seed, lcfg.samples))[0][EFFECTS.index("lambda23")]
-        per_seed.append({"lambda23_mean": float(l23_seed.mean()), "interference_share": float((l23_seed < -1e-9).mean())})
+        per_seed.append({"lambda23_mean": float(l23_seed.mean()),
+                         "interference_share": float((l23_seed < -1e-9).mean())})
     between = {key: seed_interval([p[key] for p in per_seed]) for key in ("lambda23_mean", "interference_share")}
     kept_index = np.flatnonzero(kept)
     return {
