@@ -5,7 +5,7 @@ The paper's diagnostic half (v2 of the paper calls it Capability Effect Attribut
 the same tiny world as dart.py:
 
     1. train three adapters with dart.py's own loop: reason_only (M_Reas), tool_only
-       (M_Tool) and joint (M_Unified), same seed, steps and hyperparameters;
+       (M_Tool) and joint (M_Unified), same steps and hyperparameters, for each of K seeds;
     2. build two hybrids for free by loading adapters into the DART layer's role blocks:
        H_Tool (base writes reasoning, M_Tool writes tool tokens), H_Reas (the other way);
     3. sample N answers per test question from each of the six variants;
@@ -15,9 +15,9 @@ the same tiny world as dart.py:
     5. gradient directions: under the joint adapter, the policy gradient of a trajectory's
        reasoning tokens versus that of its tool tokens (the paper: nearly orthogonal).
 
-    python leas.py                 # all of it, about 8 minutes on 2 CPU cores (base cached)
+    python leas.py                 # all of it: 3 seeds x 3 variants x 40 RL steps, ~11 min on 2 cores
     python leas.py grad            # only the gradient-direction analysis
-    python leas.py --seeds=3       # three seeds per variant: an overdetermined fit
+    python leas.py --seeds=5       # more seeds: a tighter between-seed interval
     python leas.py --runs=DIR --steps=40 --samples=8
 
 Options are this file's LeasConfig and any of dart.py's Config (training knobs).
