@@ -1172,6 +1172,7 @@ def ddp_worker(rank, size, port, saved_path, out_path):
         results["guard"] = "raised"
     if rank == 0:
         torch.save(results, out_path)
+    torch.distributed.barrier()  # neither process tears its connections down while the other still uses them
     torch.distributed.destroy_process_group()
 
 
