@@ -520,16 +520,25 @@ def test_tool_call_limit(scripted):
 @pytest.mark.parametrize("mode", ["dart", "joint", "two_agent", "mixlora"])
 def test_rollout_logprobs_equal_training_logprobs(make_policy, mode):
     """The log-probs recorded while sampling (KV cache, one token at a time, forced observations,
-    left padding) equal those of the training forward over the finished sequences."""
+    left padding, a group's prompt read once, finished rows dropped) equal those of the training
+    forward over the finished sequences, and that forward (which also reads each prompt once)
+    equals a plain forward over every row."""
     policy, cfg = make_policy(mode, randomize=0.02)
-    tasks, prompts = prompts_for(policy, 8, seed=3)
+    tasks, prompts = prompts_for(policy, 4, seed=3)
+    prompts = [p for p in prompts for _ in range(3)]  # groups of 3 rollouts per question
     out = dart.rollout(policy, REGISTRY, prompts, cfg, 1.0, torch.Generator().manual_seed(0))
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
     forced = out.attention_mask[:, out.prompt_len:].bool() & ~out.written_by_policy
     assert forced.any()  # observations were inserted
+    lengths = out.attention_mask[:, out.prompt_len:].sum(-1)
+    assert len(set(lengths.tolist())) > 1  # rows finished at different steps and left the batch
     with torch.no_grad():
         logp, _ = dart.response_logprobs(policy, out.ids, out.attention_mask, out.prompt_len, 1.0)
+        logits = routed(policy, out.ids, out.attention_mask, dart.positions(out.attention_mask),
+                        dart.token_roles(out.ids, policy.special))[:, out.prompt_len - 1:-1]
+    plain = torch.log_softmax(logits, -1).gather(-1, out.ids[:, out.prompt_len:, None]).squeeze(-1)
     assert torch.allclose(logp[out.written_by_policy], out.logprobs[out.written_by_policy], atol=1e-4)
+    assert torch.allclose(logp[out.written_by_policy], plain[out.written_by_policy], atol=1e-4)
     assert torch.equal(out.roles[out.attention_mask.bool()],
                        dart.token_roles(out.ids, policy.special)[out.attention_mask.bool()])
 
@@ -884,11 +893,23 @@ def test_every_option_has_help(capsys):
     assert all(f"--{f.name}=" in printed for f in dataclasses.fields(leas.LeasConfig))
 
 
+def test_learning_rate_schedule():
+    cfg = dart.Config(lr=1.0, steps=11, warmup_steps=5)
+    assert [dart.learning_rate(cfg, s) for s in range(5)] == pytest.approx([0.2 * k * (0.1 + 0.9 * 0.5 * (
+        1 + math.cos(math.pi * (k - 1) / 10))) for k in range(1, 6)])  # warmup times the decay
+    assert dart.learning_rate(cfg, 10) == pytest.approx(0.1)  # 10% of the peak at the last step
+    rates = [dart.learning_rate(cfg, s) for s in range(4, 11)]
+    assert rates == sorted(rates, reverse=True)  # decays after the warmup
+    constant = dataclasses.replace(cfg, lr_schedule="constant", warmup_steps=0)
+    assert {dart.learning_rate(constant, s) for s in range(11)} == {1.0}
+
+
 def test_micro_batching_does_not_change_the_gradient(make_policy):
     grads = []
-    for micro_batch in (64, 3):
+    for micro_batch in (64, 3):  # 3 splits the groups of 2 and cuts each micro-batch to its own length
         policy, cfg = make_policy("dart", randomize=0.02, micro_batch=micro_batch, loss_agg="seq_mean")
-        _, prompts = prompts_for(policy, 8, seed=8)
+        _, prompts = prompts_for(policy, 4, seed=8)
+        prompts = [p for p in prompts for _ in range(2)]
         batch = dart.rollout(policy, REGISTRY, prompts, cfg, 1.0, torch.Generator().manual_seed(0))
         dart.grpo_update(policy, dart.make_optimizer(policy, cfg), batch, torch.linspace(-1, 1, 8), cfg)
         grads.append({n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad})
