@@ -340,17 +340,34 @@ class Policy:
 
     @contextlib.contextmanager
     def training(self):
-        """Forwards inside run at the update's precision (train_dtype)."""
+        """Forwards inside run at the update's precision (train_dtype). When it differs from the
+        sampling precision, the frozen linear weights are held in it for the whole update, cast
+        once here instead of by autocast in every forward of every micro-batch: autocast would
+        make the same cast, so the numbers are identical."""
+        cast = self.train_dtype is not None and self.train_dtype != self.amp_dtype
+        kept = [(p, p.data) for p in frozen_linear_tensors(self.model)] if cast else []
+        for p, data in kept:
+            p.data = data.to(self.train_dtype)
         self.in_update = True
         try:
             yield
         finally:
             self.in_update = False
+            for p, data in kept:
+                p.data = data
 
     def logits(self, ids, attention_mask, position_ids, roles, caches=None, logits_to_keep=0):
         with self.autocast():
             return routed_logits(self.model, self.routing, ids, attention_mask, position_ids, roles, caches,
                                  logits_to_keep)
+
+
+def frozen_linear_tensors(model):
+    """Weights and biases of the frozen linear layers that only a linear reads: a tied output
+    layer's weight is also the embedding table, whose output must keep its precision."""
+    embedding = model.get_input_embeddings().weight
+    return [t for m in model.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad
+            for t in (m.weight, m.bias) if t is not None and t is not embedding]
 
 
 def prompt_ids(tok, question):
@@ -648,48 +665,49 @@ def grpo_update(policy, optimizer, batch, advantages, cfg):
     mask, target_roles = loss_mask(batch, policy.special, cfg.mode)
     weights = token_weights(mask, cfg.loss_agg, cfg.max_new_tokens, all_reduce_sum(batch_totals(mask)))
     chunks = micro_batches(batch, cfg.micro_batch)
-    if cfg.kl_beta > 0:  # the reference does not change between updates: one forward per batch
-        ref_logp = torch.zeros_like(batch.logprobs)
-        with torch.no_grad(), adapters_off(policy.routing), policy.training():
-            for rows, length in chunks:
-                ref_logp[rows] = chunk_logprobs(policy, batch, rows, length, cfg.temperature)[0]
-        ref_logp = torch.where(mask, ref_logp, 0.0)
-    sums = {f"{name}_{role}": 0.0 for name in ("loss", "kl", "entropy") for role in ("reason", "tool")}
-    sums["sampler_gap"] = 0.0  # |training - sampling log-prob| summed over the tokens with loss
-    old_logp = []  # pi_old per micro-batch, from the first pass
-    skipped, passes = 0, 0
-    for update in range(cfg.updates_per_batch):
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for i, (rows, length) in enumerate(chunks):
-            with lora_dropout_on(policy.model), policy.training():
-                logp, entropy = chunk_logprobs(policy, batch, rows, length, cfg.temperature)
-            on = mask[rows]
-            logp = torch.where(on, logp, 0.0)
-            if update == 0:
-                old_logp.append(logp.detach())
-                sums["sampler_gap"] += (logp.detach() - batch.logprobs[rows])[on].abs().sum().item()
-            ref = ref_logp[rows] if cfg.kl_beta > 0 else logp.detach()  # beta = 0: no reference forward
-            per_token, kl = token_loss(logp, old_logp[i], ref, advantages[rows, None], cfg.clip_eps, cfg.kl_beta)
-            loss = (per_token * weights[rows]).sum()
-            loss.backward()
-            total += loss.item()
-            with torch.no_grad():
-                for role, name in ((REASONING, "reason"), (TOOL, "tool")):
-                    sel = on & (target_roles[rows] == role)
-                    sums[f"loss_{name}"] += per_token[sel].sum().item()
-                    sums[f"kl_{name}"] += kl[sel].sum().item()
-                    sums[f"entropy_{name}"] += entropy[sel].sum().item()
-        passes += 1
-        sum_gradients(params)
-        total = all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=mask.device)).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if math.isfinite(total) and torch.isfinite(grad_norm):
-            optimizer.step()
-        else:
-            skipped = 1
+    with policy.training():  # every forward and backward below runs at the update's precision
+        if cfg.kl_beta > 0:  # the reference does not change between updates: one forward per batch
+            ref_logp = torch.zeros_like(batch.logprobs)
+            with torch.no_grad(), adapters_off(policy.routing):
+                for rows, length in chunks:
+                    ref_logp[rows] = chunk_logprobs(policy, batch, rows, length, cfg.temperature)[0]
+            ref_logp = torch.where(mask, ref_logp, 0.0)
+        sums = {f"{name}_{role}": 0.0 for name in ("loss", "kl", "entropy") for role in ("reason", "tool")}
+        sums["sampler_gap"] = 0.0  # |training - sampling log-prob| summed over the tokens with loss
+        old_logp = []  # pi_old per micro-batch, from the first pass
+        skipped, passes = 0, 0
+        for update in range(cfg.updates_per_batch):
             optimizer.zero_grad(set_to_none=True)
-            break
+            total = 0.0
+            for i, (rows, length) in enumerate(chunks):
+                with lora_dropout_on(policy.model):
+                    logp, entropy = chunk_logprobs(policy, batch, rows, length, cfg.temperature)
+                on = mask[rows]
+                logp = torch.where(on, logp, 0.0)
+                if update == 0:
+                    old_logp.append(logp.detach())
+                    sums["sampler_gap"] += (logp.detach() - batch.logprobs[rows])[on].abs().sum().item()
+                ref = ref_logp[rows] if cfg.kl_beta > 0 else logp.detach()  # beta = 0: no reference forward
+                per_token, kl = token_loss(logp, old_logp[i], ref, advantages[rows, None], cfg.clip_eps, cfg.kl_beta)
+                loss = (per_token * weights[rows]).sum()
+                loss.backward()
+                total += loss.item()
+                with torch.no_grad():
+                    for role, name in ((REASONING, "reason"), (TOOL, "tool")):
+                        sel = on & (target_roles[rows] == role)
+                        sums[f"loss_{name}"] += per_token[sel].sum().item()
+                        sums[f"kl_{name}"] += kl[sel].sum().item()
+                        sums[f"entropy_{name}"] += entropy[sel].sum().item()
+            passes += 1
+            sum_gradients(params)
+            total = all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=mask.device)).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if math.isfinite(total) and torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped = 1
+                optimizer.zero_grad(set_to_none=True)
+                break
     counts = {name: (mask & (target_roles == role)).sum().item()
               for role, name in ((REASONING, "reason"), (TOOL, "tool"))}
     summed = all_reduce_sum(torch.tensor(list(sums.values()) + list(counts.values()), dtype=torch.float64,

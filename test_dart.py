@@ -916,6 +916,29 @@ def test_micro_batching_does_not_change_the_gradient(make_policy):
     assert all(torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-9) for k in grads[0])
 
 
+def test_update_precision_casts_frozen_weights_once_with_autocasts_numbers(make_policy, monkeypatch):
+    """Sampling in float32, the update in bfloat16: the frozen linear weights held in bfloat16 for
+    the whole update give exactly the adapters that autocast's cast in every forward gives, and
+    are float32 again afterwards. The tied output layer (the embedding table) is left alone."""
+    policy, _ = make_policy("dart")
+    held = dart.frozen_linear_tensors(policy.model)
+    assert held and all(t is not policy.model.get_input_embeddings().weight for t in held)
+    before, after = None, []
+    for cast_once in (True, False):
+        if not cast_once:
+            monkeypatch.setattr(dart, "frozen_linear_tensors", lambda model: [])  # autocast casts every time
+        policy, cfg = make_policy("dart", randomize=0.02, train_dtype="bfloat16", micro_batch=3)
+        _, prompts = prompts_for(policy, 4, seed=8)
+        prompts = [p for p in prompts for _ in range(2)]
+        batch = dart.rollout(policy, REGISTRY, prompts, cfg, 1.0, torch.Generator().manual_seed(0))
+        before = dart.adapter_state(policy.model)
+        dart.grpo_update(policy, dart.make_optimizer(policy, cfg), batch, torch.linspace(-1, 1, 8), cfg)
+        after.append(dart.adapter_state(policy.model))
+        assert {p.dtype for p in policy.model.parameters()} == {torch.float32}
+    assert any(not torch.equal(before[k], after[0][k]) for k in before)  # the update did move the adapters
+    assert all(torch.equal(after[0][k], after[1][k]) for k in before)
+
+
 def test_no_tool_call_means_no_valid_call_share(make_policy):
     """A policy that never calls a tool has no share of valid calls: reported as n/a, not 100%."""
     tiny, cfg = make_policy("dart")
