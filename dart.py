@@ -343,7 +343,8 @@ class Policy:
         """Forwards inside run at the update's precision (train_dtype). When it differs from the
         sampling precision, the frozen linear weights are held in it for the whole update, cast
         once here instead of by autocast in every forward of every micro-batch: autocast would
-        make the same cast, so the numbers are identical."""
+        make the same cast, so the numbers are identical. The price: both copies of those weights
+        are in memory during the update."""
         cast = self.train_dtype is not None and self.train_dtype != self.amp_dtype
         kept = [(p, p.data) for p in frozen_linear_tensors(self.model)] if cast else []
         for p, data in kept:

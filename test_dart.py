@@ -923,6 +923,10 @@ def test_update_precision_casts_frozen_weights_once_with_autocasts_numbers(make_
     policy, _ = make_policy("dart")
     held = dart.frozen_linear_tensors(policy.model)
     assert held and all(t is not policy.model.get_input_embeddings().weight for t in held)
+    policy.train_dtype = torch.bfloat16
+    with policy.training():
+        assert {t.dtype for t in held} == {torch.bfloat16}  # held in the update's precision
+    assert {t.dtype for t in held} == {torch.float32}
     before, after = None, []
     for cast_once in (True, False):
         if not cast_once:
