@@ -597,8 +597,9 @@ def sum_gradients(params):
         p.grad = grad.view_as(p).clone()
 
 
-def response_logprobs(policy, ids, attention_mask, prompt_len, temperature):
-    """Log-probs of the response tokens, and the policy's entropy at each response position, from
+def response_logprobs(policy, ids, attention_mask, prompt_len, temperature, with_entropy=True):
+    """Log-probs of the response tokens, and the policy's entropy at each response position (None
+    without with_entropy: the KL reference needs none, and it is a pass over the vocabulary), from
     a training forward over the same ids, mask, positions and roles the rollout used, read the way
     the rollout reads them: each distinct prompt once, then every row's response on a copy of its
     prompt's KV cache (the gradient flows back through the copies into the shared prompt)."""
@@ -614,8 +615,10 @@ def response_logprobs(policy, ids, attention_mask, prompt_len, temperature):
     rest = policy.logits(ids[:, prompt_len:], attention_mask, position[:, prompt_len:], roles[:, prompt_len:], caches)
     logits = torch.cat([last[of_row], rest[:, :-1]], 1)  # position t's logits predict token t + 1
     logp_all = torch.log_softmax(logits / temperature, -1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp_all.gather(-1, ids[:, prompt_len:, None]).squeeze(-1), entropy
 
 
@@ -632,14 +635,14 @@ def micro_batches(batch, micro_batch):
     return [(rows, int(lengths[rows].max())) for rows in torch.tensor(order, device=lengths.device).split(micro_batch)]
 
 
-def chunk_logprobs(policy, batch, rows, length, temperature):
+def chunk_logprobs(policy, batch, rows, length, temperature, with_entropy=True):
     """response_logprobs of some rows, computed on their first `length` response slots and padded
     back to the batch's width with zeros (those slots carry no loss)."""
     end = batch.prompt_len + length
     logp, entropy = response_logprobs(policy, batch.ids[rows, :end], batch.attention_mask[rows, :end],
-                                      batch.prompt_len, temperature)
+                                      batch.prompt_len, temperature, with_entropy)
     pad = (0, batch.written_by_policy.shape[1] - length)
-    return F.pad(logp, pad), F.pad(entropy, pad)
+    return F.pad(logp, pad), entropy if entropy is None else F.pad(entropy, pad)
 
 
 def loss_mask(batch, special, mode):
@@ -650,6 +653,16 @@ def loss_mask(batch, special, mode):
     if mode == "tool_only":
         return batch.written_by_policy & (target_roles == TOOL), target_roles
     return batch.written_by_policy, target_roles
+
+
+@torch.no_grad()
+def reference_logprobs(policy, batch, chunks, temperature):
+    """Log-probs of the batch's response tokens under the KL reference (the adapters off)."""
+    ref_logp = torch.zeros_like(batch.logprobs)
+    with adapters_off(policy.routing):
+        for rows, length in chunks:
+            ref_logp[rows] = chunk_logprobs(policy, batch, rows, length, temperature, with_entropy=False)[0]
+    return ref_logp
 
 
 def make_optimizer(policy, cfg):
@@ -668,11 +681,7 @@ def grpo_update(policy, optimizer, batch, advantages, cfg):
     chunks = micro_batches(batch, cfg.micro_batch)
     with policy.training():  # every forward and backward below runs at the update's precision
         if cfg.kl_beta > 0:  # the reference does not change between updates: one forward per batch
-            ref_logp = torch.zeros_like(batch.logprobs)
-            with torch.no_grad(), adapters_off(policy.routing):
-                for rows, length in chunks:
-                    ref_logp[rows] = chunk_logprobs(policy, batch, rows, length, cfg.temperature)[0]
-            ref_logp = torch.where(mask, ref_logp, 0.0)
+            ref_logp = torch.where(mask, reference_logprobs(policy, batch, chunks, cfg.temperature), 0.0)
         sums = {f"{name}_{role}": 0.0 for name in ("loss", "kl", "entropy") for role in ("reason", "tool")}
         sums["sampler_gap"] = 0.0  # |training - sampling log-prob| summed over the tokens with loss
         old_logp = []  # pi_old per micro-batch, from the first pass
@@ -1649,13 +1658,24 @@ def bench(cfg, repeats=5):
             if repeat:  # the first round warms up
                 update_s[mode].append(clock(device) - started)
     median = {m: float(np.median(t)) for m, t in update_s.items()}
+    reference_s = []  # the part of dart's update that is the frozen base alone: the KL reference
+    for _ in range(repeats):
+        started = clock(device)
+        with dart_policy.training():
+            reference_logprobs(dart_policy, batch, micro_batches(batch, cfg.micro_batch), cfg.temperature)
+        reference_s.append(clock(device) - started)
     # the engine, tools interleaved, vs generate() without tools: same model, prompts and new tokens
-    engine_s, generate_s = [], []
+    engine_s, base_engine_s, generate_s = [], [], []
     ids, attention = left_pad(prompts, dart_policy.special.pad, device)
     for _ in tqdm(range(repeats), desc="bench: engine vs generate"):
         started = clock(device)
         out = rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
         engine_s.append(clock(device) - started)
+        started = clock(device)  # the adapters' share of sampling: the same rollout without them
+        with adapters_off(dart_policy.routing):
+            base_out = rollout(dart_policy, registry, prompts, cfg, cfg.temperature,
+                               torch.Generator(device).manual_seed(0))
+        base_engine_s.append(clock(device) - started)
         steps = out.written_by_policy.shape[1]
         dart_policy.routing.gate = dart_policy.routing.table[REASONING]  # one gate for every token
         started = clock(device)
@@ -1668,6 +1688,8 @@ def bench(cfg, repeats=5):
     real = out.attention_mask[:, out.prompt_len:].sum().item()
     result = {"update_s": median, "dart_over_joint2r": median["dart"] / median["joint2r"],
               "two_agent_over_dart": median["two_agent"] / median["dart"],
+              "reference_s": float(np.median(reference_s)),
+              "base_engine_tok_s": base_out.written_by_policy.numel() / np.median(base_engine_s),
               "engine_tok_s": slots / np.median(engine_s), "engine_real_tok_s": real / np.median(engine_s),
               "generate_tok_s": slots / np.median(generate_s), "rows": len(prompts), "new_tokens": steps}
     result["engine_over_generate"] = result["engine_tok_s"] / result["generate_tok_s"]
@@ -1675,9 +1697,11 @@ def bench(cfg, repeats=5):
     for mode, seconds in median.items():
         print(f"  {mode:<10} {seconds:.3f} s")
     print(f"  dart / joint2r = {result['dart_over_joint2r']:.3f}   two_agent / dart = {result['two_agent_over_dart']:.2f}")
+    print(f"  of dart's update, the KL reference (the frozen base alone, no gradient): {result['reference_s']:.3f} s")
     print(f"sampling {len(prompts)} rows x {steps} new tokens: engine with tools {result['engine_tok_s']:.0f} tok/s "
           f"({result['engine_real_tok_s']:.0f} tok/s counting only tokens before each row's end), model.generate without tools "
           f"{result['generate_tok_s']:.0f} tok/s: ratio {result['engine_over_generate']:.2f}")
+    print(f"  the engine with the adapters off (the frozen base alone): {result['base_engine_tok_s']:.0f} tok/s")
     return result
 
 
