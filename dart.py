@@ -1638,7 +1638,8 @@ def compare(cfg):
 
 def bench(cfg, repeats=5):
     """The cost claims, measured side by side in one process: a GRPO update of dart vs joint2r
-    vs two_agent on the same batch, and the rollout engine vs model.generate."""
+    vs two_agent on the same batch, and the rollout engine vs model.generate; and how much of
+    each is the frozen base itself (the KL reference pass, the engine with the adapters off)."""
     world = toy_tasks.make_world()
     registry = tools.registry(world.kb)
     policies = {mode: load_policy(dataclasses.replace(cfg, mode=mode)) for mode in ("joint2r", "dart", "two_agent")}
@@ -1648,6 +1649,27 @@ def bench(cfg, repeats=5):
     tasks = [toy_tasks.sample_task(rng, world, "train") for _ in range(cfg.questions_per_step * cfg.group_size)]
     prompts = [prompt_ids(dart_policy.tok, t.question) for t in tasks]
     batch = rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
+    # the engine, tools interleaved, vs generate() without tools: same model, prompts and new tokens.
+    # Before any update, so the adapters are still zero and the engine with them off samples the
+    # same tokens: the difference is what the LoRA branches cost.
+    engine_s, base_engine_s, generate_s = [], [], []
+    ids, attention = left_pad(prompts, dart_policy.special.pad, device)
+    for _ in tqdm(range(repeats), desc="bench: engine vs generate"):
+        started = clock(device)
+        out = rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
+        engine_s.append(clock(device) - started)
+        started = clock(device)  # the adapters' share of sampling: the same rollout without them
+        with adapters_off(dart_policy.routing):
+            rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
+        base_engine_s.append(clock(device) - started)
+        steps = out.written_by_policy.shape[1]
+        dart_policy.routing.gate = dart_policy.routing.table[REASONING]  # one gate for every token
+        started = clock(device)
+        with torch.no_grad(), dart_policy.autocast():
+            dart_policy.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=steps,
+                                       min_new_tokens=steps, do_sample=True, top_k=None, top_p=None,
+                                       temperature=cfg.temperature, pad_token_id=dart_policy.special.pad)
+        generate_s.append(clock(device) - started)
     advantages = torch.randn(len(prompts), generator=torch.Generator().manual_seed(0)).to(device)
     optimizers = {mode: make_optimizer(policy, cfg) for mode, policy in policies.items()}
     update_s = {m: [] for m in policies}
@@ -1664,32 +1686,12 @@ def bench(cfg, repeats=5):
         with dart_policy.training():
             reference_logprobs(dart_policy, batch, micro_batches(batch, cfg.micro_batch), cfg.temperature)
         reference_s.append(clock(device) - started)
-    # the engine, tools interleaved, vs generate() without tools: same model, prompts and new tokens
-    engine_s, base_engine_s, generate_s = [], [], []
-    ids, attention = left_pad(prompts, dart_policy.special.pad, device)
-    for _ in tqdm(range(repeats), desc="bench: engine vs generate"):
-        started = clock(device)
-        out = rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
-        engine_s.append(clock(device) - started)
-        started = clock(device)  # the adapters' share of sampling: the same rollout without them
-        with adapters_off(dart_policy.routing):
-            base_out = rollout(dart_policy, registry, prompts, cfg, cfg.temperature,
-                               torch.Generator(device).manual_seed(0))
-        base_engine_s.append(clock(device) - started)
-        steps = out.written_by_policy.shape[1]
-        dart_policy.routing.gate = dart_policy.routing.table[REASONING]  # one gate for every token
-        started = clock(device)
-        with torch.no_grad(), dart_policy.autocast():
-            dart_policy.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=steps,
-                                       min_new_tokens=steps, do_sample=True, top_k=None, top_p=None,
-                                       temperature=cfg.temperature, pad_token_id=dart_policy.special.pad)
-        generate_s.append(clock(device) - started)
     slots = len(prompts) * steps
     real = out.attention_mask[:, out.prompt_len:].sum().item()
     result = {"update_s": median, "dart_over_joint2r": median["dart"] / median["joint2r"],
               "two_agent_over_dart": median["two_agent"] / median["dart"],
               "reference_s": float(np.median(reference_s)),
-              "base_engine_tok_s": base_out.written_by_policy.numel() / np.median(base_engine_s),
+              "base_engine_tok_s": slots / np.median(base_engine_s),
               "engine_tok_s": slots / np.median(engine_s), "engine_real_tok_s": real / np.median(engine_s),
               "generate_tok_s": slots / np.median(generate_s), "rows": len(prompts), "new_tokens": steps}
     result["engine_over_generate"] = result["engine_tok_s"] / result["generate_tok_s"]
