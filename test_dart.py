@@ -543,6 +543,26 @@ def test_rollout_logprobs_equal_training_logprobs(make_policy, mode):
                        dart.token_roles(out.ids, policy.special)[out.attention_mask.bool()])
 
 
+def test_reference_logprobs_are_the_base_models_per_micro_batch(make_policy):
+    """The KL reference of the update, computed micro-batch by micro-batch (rows cut to their
+    chunk's length, prompts read once), is the bare base model's log-prob of every policy token."""
+    policy, cfg = make_policy("dart", randomize=0.05)
+    base, _ = dart.load_base(cfg)
+    _, prompts = prompts_for(policy, 3, seed=5)
+    out = dart.rollout(policy, REGISTRY, [p for p in prompts for _ in range(3)], cfg, 1.0,
+                       torch.Generator().manual_seed(1))
+    chunks = dart.micro_batches(out, 4)
+    assert len({length for _, length in chunks}) > 1  # chunks of different lengths
+    ref = dart.reference_logprobs(policy, out, chunks, 1.0)
+    with torch.no_grad():
+        logits = base(input_ids=out.ids, attention_mask=out.attention_mask,
+                      position_ids=dart.positions(out.attention_mask)).logits[:, out.prompt_len - 1:-1]
+    bare = torch.log_softmax(logits, -1).gather(-1, out.ids[:, out.prompt_len:, None]).squeeze(-1)
+    on = out.written_by_policy
+    assert torch.allclose(ref[on], bare[on], atol=1e-4)
+    assert not torch.allclose(ref[on], out.logprobs[on], atol=1e-3)  # not the adapted policy's
+
+
 def assert_limits_hold(policy, out, cfg):
     assert out.written_by_policy.shape[1] <= cfg.max_new_tokens and max(out.tool_calls) <= cfg.max_tool_calls
     for row in range(len(out.ids)):
