@@ -9,39 +9,31 @@ token to exactly one of them. This file is the whole method, in the order to rea
 
     1. token roles: which adapter writes which token
     2. the DART layer: two LoRA adapters as one gated rank-2r LoRA, and a routed forward
-       (sections 1-2 are one block that needs only torch: copy it into your own trainer)
+       (sections 1-2 are one block between two marker lines that needs torch alone:
+       paste it into your own trainer)
     3. GRPO: group advantages, token weights, the clipped loss with KL to the reference
     4. the rollout engine: batched, KV-cached sampling with tool calls in the middle
     5. the update: log-probs, loss masks, one GRPO step on a batch of rollouts
     6. the training loop: RL steps, evaluation, checkpoints, adapters on disk
     7. models: the embedded tiny default (built and warm-started here) or any HF causal LM
     8. config and command line, the report, --compare, --bench
+    9. several processes (torchrun): the few lines data parallelism needs
 
     python dart.py                        # tiny model, about 5 minutes on 2 CPU cores
     python dart.py --mode=joint --steps=50
     python dart.py --model=Qwen/Qwen2.5-0.5B-Instruct --device=cuda
 """
+# >>> DART layer
+# Token roles and the DART layer. The lines between the two marker lines need torch alone:
+# paste them into your own trainer as they are. What is specific to Hugging Face models or
+# to this file's rollout engine stays below the block.
 import contextlib
-import dataclasses
-import hashlib
-import json
 import math
-import os
-import random
-import shutil
-import sys
-import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
-
-import toy_tasks
-import tools
 
 # -----------------------------------------------------------------------------
 # 1. Token roles
@@ -55,51 +47,41 @@ import tools
 
 REASONING, TOOL = 0, 1
 OBS, OBS_END, ANSWER, ANSWER_END = "<obs>", "</obs>", "<answer>", "</answer>"
-# every tag is ONE token; copying this block, put your own tool names in place of tools.TOOL_NAMES
-TOOL_TAGS = [tag for name in tools.TOOL_NAMES for tag in (f"<{name}>", f"</{name}>")]
-TAGS = TOOL_TAGS + [OBS, OBS_END, ANSWER, ANSWER_END]
+
+
+def role_tags(tool_names):
+    """Every tag of the format, each of which must be ONE token: <name> and </name> for each
+    tool, then the observation and answer tags."""
+    return [tag for name in tool_names for tag in (f"<{name}>", f"</{name}>")] + [OBS, OBS_END, ANSWER, ANSWER_END]
 
 
 @dataclass
-class Special:
-    """Token ids the engine and the role rule need, read off a tokenizer once."""
-    opens: dict       # id of <calc> -> "calc", ...
-    closes: dict      # id of </calc> -> "calc", ...
-    obs: int
-    obs_end: int
-    answer_end: int
-    eos: int
-    pad: int
-    open_ids: torch.Tensor = None
-    span_end_ids: torch.Tensor = None   # what ends a tool span: closing tool tags and <obs>
+class SpanTags:
+    """Token ids of the tags that open a tool span (<calc>, ...) and of those that end one
+    (</calc>, ..., and <obs>)."""
+    opens: torch.Tensor
+    ends: torch.Tensor
 
-    def __post_init__(self):
-        self.open_ids = torch.tensor(sorted(self.opens))
-        self.span_end_ids = torch.tensor(sorted(self.closes) + [self.obs])
+    @classmethod
+    def from_vocab(cls, token_id, tool_names, device="cpu"):
+        """token_id: tag text -> token id, e.g. a Hugging Face tokenizer's convert_tokens_to_ids."""
+        return cls(opens=torch.tensor([token_id(f"<{name}>") for name in tool_names], device=device),
+                   ends=torch.tensor([token_id(f"</{name}>") for name in tool_names] + [token_id(OBS)], device=device))
 
 
-def special_ids(tok):
-    ids = {tag: tok.convert_tokens_to_ids(tag) for tag in TAGS}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return Special(opens={ids[f"<{n}>"]: n for n in tools.TOOL_NAMES},
-                   closes={ids[f"</{n}>"]: n for n in tools.TOOL_NAMES},
-                   obs=ids[OBS], obs_end=ids[OBS_END], answer_end=ids[ANSWER_END],
-                   eos=tok.eos_token_id, pad=pad)
-
-
-def token_roles(ids, special):
+def token_roles(ids, spans):
     """(B, T) token ids -> (B, T) roles, the rule above in vectorized form."""
-    positions = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+    index = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
     none = torch.full_like(ids, -1)
-    last_open = torch.where(torch.isin(ids, special.open_ids.to(ids.device)), positions, none).cummax(-1).values
-    last_end = torch.where(torch.isin(ids, special.span_end_ids.to(ids.device)), positions, none).cummax(-1).values
+    last_open = torch.where(torch.isin(ids, spans.opens.to(ids.device)), index, none).cummax(-1).values
+    last_end = torch.where(torch.isin(ids, spans.ends.to(ids.device)), index, none).cummax(-1).values
     return (last_open > last_end).long()
 
 
-def next_role(role, token, special):
+def next_role(role, token, spans):
     """The same rule, one token at a time, for generation (a test checks that they agree)."""
-    role = torch.where(torch.isin(token, special.open_ids.to(token.device)), TOOL, role)
-    return torch.where(torch.isin(token, special.span_end_ids.to(token.device)), REASONING, role)
+    role = torch.where(torch.isin(token, spans.opens.to(token.device)), TOOL, role)
+    return torch.where(torch.isin(token, spans.ends.to(token.device)), REASONING, role)
 
 
 # -----------------------------------------------------------------------------
@@ -133,41 +115,43 @@ BLOCK_GATES = {
     "two_agent": ((1.0, 0.0), (0.0, 1.0)),  # each agent's forward sets every role to its own
 }
 MODES = tuple(BLOCK_GATES)
+ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class Routing:
     """State shared by every DART layer of one model: the gate of the current forward."""
 
-    def __init__(self, mode, rank, alpha, device):
+    def __init__(self, mode, lora_rank, alpha, device):
         self.mode = mode
-        self.rank = rank
-        self.scale = alpha / rank
-        self.table = self.scale * torch.tensor(BLOCK_GATES[mode], device=device).repeat_interleave(rank, -1)
-        self.gate = None       # (B, T, blocks * rank), set by route()
+        self.lora_rank = lora_rank
+        self.scale = alpha / lora_rank
+        self.table = self.scale * torch.tensor(BLOCK_GATES[mode], device=device).repeat_interleave(lora_rank, -1)
+        self.gate = None       # (B, T, blocks * lora_rank), set by route()
         self.enabled = True    # False = the frozen base model (the KL reference)
 
     @property
     def blocks(self):
-        return self.table.shape[-1] // self.rank
+        return self.table.shape[-1] // self.lora_rank
 
     def route(self, roles):
         self.gate = self.table[roles]
 
 
 class DartLinear(nn.Module):
-    def __init__(self, base, routing, dropout, router, generator):
+    def __init__(self, base, routing, dropout, with_router, generator):
         super().__init__()
         self.base = base
         self.routing = routing
-        units = routing.blocks * routing.rank
+        units = routing.blocks * routing.lora_rank
         A = torch.empty(units, base.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # as nn.Linear and PEFT
         self.lora_A = nn.Parameter(A.to(base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, units, device=base.weight.device))  # y = W x
         self.dropout = nn.Dropout(dropout)
         # mixlora: a router in each wrapped linear makes soft gates over the blocks for every token
-        self.router = nn.Linear(base.in_features, routing.blocks, bias=False, device=base.weight.device) if router else None
-        if router:
+        self.router = None
+        if with_router:
+            self.router = nn.Linear(base.in_features, routing.blocks, bias=False, device=base.weight.device)
             nn.init.zeros_(self.router.weight)  # uniform gates at the start
 
     def forward(self, x):
@@ -179,12 +163,11 @@ class DartLinear(nn.Module):
             gate = self.routing.gate
         else:
             weights = torch.softmax(self.router(x).float(), -1).to(hidden.dtype)
-            gate = self.routing.scale * weights.repeat_interleave(self.routing.rank, -1)
+            gate = self.routing.scale * weights.repeat_interleave(self.routing.lora_rank, -1)
         return y + F.linear(hidden * gate, self.lora_B)
 
 
-def attach_dart(model, rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                    "up_proj", "down_proj"), mode="dart", dropout=0.0, seed=0):
+def attach_dart(model, lora_rank=8, alpha=16.0, targets=ATTENTION_AND_MLP, mode="dart", dropout=0.0, seed=0):
     """Freeze the model and wrap every linear named in `targets` in a DartLinear. Returns the
     Routing: set its gate with routing.route(roles) before each forward."""
     if mode not in BLOCK_GATES:
@@ -192,7 +175,7 @@ def attach_dart(model, rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj"
     for p in model.parameters():
         p.requires_grad_(False)
     device = next(model.parameters()).device
-    routing = Routing(mode, rank, alpha, device)
+    routing = Routing(mode, lora_rank, alpha, device)
     generator = torch.Generator().manual_seed(seed)  # A's initialization is part of the seed
     wrapped = 0
     for module in list(model.modules()):
@@ -206,19 +189,19 @@ def attach_dart(model, rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj"
     return routing
 
 
-def routed_logits(model, routing, ids, attention_mask, position_ids, roles, caches=None, logits_to_keep=0):
-    """Float logits with every position routed by its role. two_agent runs one forward per
-    agent, each over the whole context with its own adapter (and its own KV cache), and takes
+def routed_forward(forward, routing, roles):
+    """Logits (as float) with every position routed by its role. `forward(agent)` runs the model
+    once and returns its logits. Every mode but two_agent is one forward: route, then run. two_agent
+    runs one forward per agent (agent = REASONING, then TOOL), each over the whole context with its
+    own adapter (and, when generating, its own KV cache: forward picks it by `agent`), and takes
     each position's logits from the agent of its role."""
-    agents = (REASONING, TOOL) if routing.mode == "two_agent" and routing.enabled else (None,)
+    if routing.mode != "two_agent" or not routing.enabled:
+        routing.route(roles)
+        return forward(REASONING).float()
     logits = []
-    for i, agent in enumerate(agents):
-        routing.route(roles if agent is None else torch.full_like(roles, agent))
-        out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                    cache=caches[i] if caches else None, use_cache=caches is not None, logits_to_keep=logits_to_keep)
-        logits.append(out.logits.float())
-    if len(logits) == 1:
-        return logits[0]
+    for agent in (REASONING, TOOL):
+        routing.route(torch.full_like(roles, agent))
+        logits.append(forward(agent).float())
     kept_roles = roles[:, -logits[0].shape[1]:]
     return torch.where(kept_roles[..., None] == TOOL, logits[1], logits[0])
 
@@ -245,8 +228,24 @@ def lora_dropout_on(model):
     finally:
         for d in dropouts:
             d.eval()
+# <<< DART layer
 
-# (end of the block to copy)
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import field
+
+import numpy as np
+from tqdm import tqdm
+
+import toy_tasks
+import tools
 
 
 # -----------------------------------------------------------------------------
@@ -310,14 +309,36 @@ def token_loss(logp, old_logp, ref_logp, advantages, clip_eps, kl_beta):
 # of forced tokens: when it closes a tool call, the tool runs and the observation's tokens
 # are queued; they are fed instead of sampled ones and carry no loss. Prompts are
 # left-padded, with an explicit attention mask and position ids, the same as in training.
-# Two savings that leave the math unchanged: a question's G rows read their shared prompt
-# once (its KV cache is copied to each row), and a row that has finished leaves the batch.
 
+TAGS = role_tags(tools.TOOL_NAMES)
 # The instructions hold whole tool spans, so the positions inside them are routed to the tool
 # adapter, the same way in rollout and training; a prompt must never hold an unclosed tag.
 INSTRUCTIONS = ("Answer the question. Tools: <calc>expression</calc> does arithmetic, "
                 "<lookup>Entity.attribute</lookup> reads a fact; each call is answered in "
                 "<obs>...</obs>. End with <answer>number</answer>.")
+
+
+@dataclass
+class Special:
+    """Token ids the engine needs, read off a tokenizer once."""
+    spans: SpanTags   # what the role rule reads
+    opens: dict       # id of <calc> -> "calc", ...
+    closes: dict      # id of </calc> -> "calc", ...
+    obs: int
+    obs_end: int
+    answer_end: int
+    eos: int
+    pad: int
+
+
+def special_ids(tok, device="cpu"):
+    ids = {tag: tok.convert_tokens_to_ids(tag) for tag in TAGS}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return Special(spans=SpanTags.from_vocab(ids.get, tools.TOOL_NAMES, device),
+                   opens={ids[f"<{n}>"]: n for n in tools.TOOL_NAMES},
+                   closes={ids[f"</{n}>"]: n for n in tools.TOOL_NAMES},
+                   obs=ids[OBS], obs_end=ids[OBS_END], answer_end=ids[ANSWER_END],
+                   eos=tok.eos_token_id, pad=pad)
 
 
 @dataclass
@@ -339,36 +360,48 @@ class Policy:
         return torch.autocast(self.device.split(":")[0], dtype=dtype)
 
     @contextlib.contextmanager
-    def training(self):
-        """Forwards inside run at the update's precision (train_dtype). When it differs from the
-        sampling precision, the frozen linear weights are held in it for the whole update, cast
-        once here instead of by autocast in every forward of every micro-batch: autocast would
-        make the same cast, so the numbers are identical. The price: both copies of those weights
-        are in memory during the update."""
-        cast = self.train_dtype is not None and self.train_dtype != self.amp_dtype
-        kept = [(p, p.data) for p in frozen_linear_tensors(self.model)] if cast else []
-        for p, data in kept:
-            p.data = data.to(self.train_dtype)
+    def update_precision(self):
+        """Forwards inside run at the update's precision (train_dtype). The frozen linear weights
+        are held in the sampling precision; when the update's differs, they are cast once here
+        instead of by autocast in every forward of every micro-batch. Autocast would make the same
+        cast, so the numbers are identical; the price is a second copy of those weights during the
+        update."""
+        held, wanted = self.amp_dtype or torch.float32, self.train_dtype or torch.float32
+        restore = hold_frozen_linears(self.model, wanted) if wanted != held else (lambda: None)
         self.in_update = True
         try:
             yield
         finally:
             self.in_update = False
-            for p, data in kept:
-                p.data = data
+            restore()
 
     def logits(self, ids, attention_mask, position_ids, roles, caches=None, logits_to_keep=0):
+        def forward(agent):
+            return self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=caches[agent] if caches else None, use_cache=caches is not None,
+                              logits_to_keep=logits_to_keep).logits
+
         with self.autocast():
-            return routed_logits(self.model, self.routing, ids, attention_mask, position_ids, roles, caches,
-                                 logits_to_keep)
+            return routed_forward(forward, self.routing, roles)
 
 
-def frozen_linear_tensors(model):
-    """Weights and biases of the frozen linear layers that only a linear reads: a tied output
-    layer's weight is also the embedding table, whose output must keep its precision."""
-    embedding = model.get_input_embeddings().weight
-    return [t for m in model.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad
-            for t in (m.weight, m.bias) if t is not None and t is not embedding]
+def hold_frozen_linears(model, dtype):
+    """Hold the weights and biases of the frozen linear layers in `dtype`, and return a function
+    that puts the previous tensors back. A tied output layer gets a copy of its own: the embedding
+    table it shares must keep its precision, since its rows enter the residual stream as they are."""
+    kept = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+            for name in ("weight", "bias"):
+                tensor = getattr(module, name)
+                if tensor is not None and tensor.dtype != dtype:
+                    kept.append((module, name, tensor))
+                    setattr(module, name, nn.Parameter(tensor.detach().to(dtype), requires_grad=False))
+
+    def restore():
+        for module, name, tensor in kept:
+            setattr(module, name, tensor)
+    return restore
 
 
 def prompt_ids(tok, question):
@@ -389,28 +422,29 @@ def observation_ids(tok, special, text, max_tokens):
 
 
 def trajectory_ids(tok, special, trajectory, max_obs_tokens=None):
-    """A written-out trajectory as (token ids, written-by-policy mask): the observations are
+    """A written-out trajectory as (token ids, written-by-policy 0/1 list): the observations are
     tokenized by observation_ids, exactly as the environment would insert them."""
-    ids, policy = [], []
+    ids, written = [], []
     rest = trajectory
     while rest:
         before, _, after = rest.partition(OBS)
         content, _, rest = after.partition(OBS_END)
         piece = tok.encode(before, add_special_tokens=False)
         ids += piece
-        policy += [1] * len(piece)
+        written += [1] * len(piece)
         if after:
             obs = observation_ids(tok, special, content, max_obs_tokens)
             ids += obs
-            policy += [0] * len(obs)
-    return ids, policy
+            written += [0] * len(obs)
+    return ids, written
 
 
-def positions(attention_mask):
+def position_ids(attention_mask):
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def new_caches(policy):
+    """One KV cache per agent: two_agent feeds every token to both agents."""
     from transformers import DynamicCache
     return [DynamicCache() for _ in range(2 if policy.routing.mode == "two_agent" else 1)]
 
@@ -484,136 +518,140 @@ def sample(logits, temperature, generator):
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
+def pad_rows(rows, value, side, device):
+    """Lists of different lengths as one (B, width) tensor padded on `side`, and its 0/1 mask."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), value)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row)
+        mask[i, cols] = 1
+    return ids.to(device), mask.to(device)  # built on the host, one copy each to the device
+
+
 def left_pad(prompts, pad, device):
     """Prompts of different lengths as one (B, width) tensor, padded on the left, and its mask."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, device=device)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt):] = torch.tensor(prompt, device=device)
-        attention[i, width - len(prompt):] = 1
-    return ids, attention
+    return pad_rows(prompts, pad, "left", device)
 
 
-def share_prompts(prompts, device):
+def share_prompts(prompts):
     """The G rollouts of a question share its prompt, which is read once: the first row of each
     distinct prompt, and for every row the index of its distinct prompt."""
     first = {}
     for row, prompt in enumerate(map(tuple, prompts)):
         first.setdefault(prompt, row)
     index = {prompt: i for i, prompt in enumerate(first)}
-    return (torch.tensor(list(first.values()), device=device),
-            torch.tensor([index[tuple(prompt)] for prompt in prompts], device=device))
+    return list(first.values()), [index[tuple(prompt)] for prompt in prompts]
+
+
+def read_prompts(policy, prompts, ids, attention_mask, position, roles, caches):
+    """Every row's logits after its prompt, with each distinct prompt read once (the G rows of a
+    question share it) and its KV cache then copied to each of its rows. `prompts`: a key per row
+    (a list) that is equal for rows with the same prompt."""
+    first_rows, of_row = (torch.tensor(index, device=ids.device) for index in share_prompts(prompts))
+    logits = policy.logits(ids[first_rows], attention_mask[first_rows], position[first_rows], roles[first_rows],
+                           caches, logits_to_keep=1)[:, -1]
+    for cache in caches:
+        cache.reorder_cache(of_row)
+    return logits[of_row]
+
+
+def environment_turn(states, live, sampled, policy, registry, cfg):
+    """One step of every row, on the host: a row with forced tokens queued feeds the next one (an
+    observation, no loss); any other live row keeps what the policy sampled, which the environment
+    then reads. Returns each row's token, whether the policy wrote it, and whether the row is still
+    writing afterwards (it stops after writing eos or </answer>)."""
+    special = policy.special
+    tokens, written, active = [special.pad] * len(states), [False] * len(states), [False] * len(states)
+    for i, token in zip(live, sampled):
+        state = states[i]
+        if state.queue:
+            tokens[i], active[i] = state.queue.popleft(), True
+            continue
+        tokens[i], written[i] = token, True
+        env_step(state, token, policy, registry, cfg)
+        active[i] = token not in (special.eos, special.answer_end)
+    return tokens, written, active
 
 
 @torch.no_grad()
 def rollout(policy, registry, prompts, cfg, temperature, generator=None):
-    """Sample one response per prompt, with tool calls executed as they close."""
+    """Sample one response per prompt, with tool calls executed as they close. The environment
+    runs on the host, and each step reads the device once (the sampled tokens): a read is a sync,
+    which on a GPU stalls the queue of work."""
     special, device = policy.special, policy.device
     batch, width = len(prompts), max(map(len, prompts))
+    # 1. the prompts, left-padded, each distinct one read once
     ids, attention = left_pad(prompts, special.pad, device)
-    roles = token_roles(ids, special)
-    heads, of_row = share_prompts(prompts, device)  # each distinct prompt once, then a cache copy per row
+    roles, position = token_roles(ids, special.spans), position_ids(attention)
     caches = new_caches(policy)
-    logits = policy.logits(ids[heads], attention[heads], positions(attention)[heads], roles[heads], caches,
-                           logits_to_keep=1)[:, -1][of_row]
-    for cache in caches:
-        cache.reorder_cache(of_row)
+    logits = read_prompts(policy, prompts, ids, attention, position, roles, caches)
+    role, position = roles[:, -1], position[:, -1]
+    # 2. decode: every live row advances one token per step
     states = [EnvState() for _ in range(batch)]
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    role, position = roles[:, -1], positions(attention)[:, -1]
-    new_ids, new_attention, new_roles, by_policy, logprobs = [], [], [], [], []
-    stops = torch.tensor([special.eos, special.answer_end], device=device)
-    live = torch.arange(batch, device=device)  # rows still writing, in the order of the caches' rows
+    live = list(range(batch))  # rows still writing, in the order of the caches' rows
+    rows = torch.arange(batch, device=device)  # the same, on the device
+    steps = []  # per step: (token, written by the policy, row was live, sampling log-prob, role)
     for _ in range(cfg.max_new_tokens):
-        sampled_token = torch.full((batch,), special.pad, device=device)
-        logp = torch.zeros(batch, device=device)
-        sampled_token[live], logp[live] = sample(logits, temperature, generator)
-        forced = torch.tensor([state.queue.popleft() if state.queue else -1 for state in states], device=device)
-        is_policy = active & (forced < 0)
-        token = torch.where(forced >= 0, forced, sampled_token).masked_fill(~active, special.pad)
-        tokens = token.tolist()
-        for i in is_policy.nonzero().flatten().tolist():
-            env_step(states[i], tokens[i], policy, registry, cfg)
-        role = next_role(role, token, special)
-        position = position + active.long()
-        new_ids.append(token)
-        new_attention.append(active.long())
-        new_roles.append(role)
-        by_policy.append(is_policy)
-        logprobs.append(torch.where(is_policy, logp, 0.0))
-        active = active & ~(is_policy & torch.isin(token, stops))
-        if not active.any():
+        sampled, logp = sample(logits, temperature, generator)
+        tokens, written, active = environment_turn(states, live, sampled.tolist(), policy, registry, cfg)
+        token, by_policy = torch.tensor([tokens, written], device=device)
+        by_policy = by_policy.bool()
+        was_live = torch.zeros(batch, dtype=torch.long, device=device).index_fill(0, rows, 1)
+        logp = torch.zeros(batch, device=device).index_copy(0, rows, logp)
+        role = next_role(role, token, special.spans)
+        position = position + was_live
+        attention = torch.cat([attention, was_live[:, None]], 1)
+        steps.append((token, by_policy, was_live, torch.where(by_policy, logp, 0.0), role))
+        # 3. finished rows leave the decode batch and the caches: the next forwards skip them
+        still = [j for j, i in enumerate(live) if active[i]]
+        if not still:
             break
-        if not active[live].all():  # finished rows leave the caches: the next forwards skip them
-            still = active[live]
-            live = live[still]
+        if len(still) < len(live):
             for cache in caches:
-                cache.reorder_cache(still.nonzero().flatten())
-        attention = torch.cat([attention, new_attention[-1][:, None]], 1)
-        logits = policy.logits(token[live, None], attention[live], position[live, None], role[live, None], caches,
-                               1)[:, -1]
-    response = torch.stack(new_ids, 1)
-    response_attention = torch.stack(new_attention, 1)
-    texts = [policy.tok.decode(r[m.bool()].tolist()) for r, m in zip(response, response_attention)]
+                cache.reorder_cache(torch.tensor(still, device=device))
+            live = [live[j] for j in still]
+            rows = torch.tensor(live, device=device)
+        logits = policy.logits(token[rows, None], attention[rows], position[rows, None], role[rows, None],
+                               caches, 1)[:, -1]
+    # 4. the batch as training reads it, and the responses as text
+    response, written, response_attention, logprobs, new_roles = (torch.stack(column, 1) for column in zip(*steps))
+    texts = [policy.tok.decode([t for t, on in zip(row, mask) if on])
+             for row, mask in zip(response.tolist(), response_attention.tolist())]
     return Rollout(ids=torch.cat([ids, response], 1),
                    attention_mask=torch.cat([attention[:, :width], response_attention], 1),
-                   roles=torch.cat([roles, torch.stack(new_roles, 1)], 1),
-                   written_by_policy=torch.stack(by_policy, 1), logprobs=torch.stack(logprobs, 1), texts=texts,
-                   tool_calls=[s.calls for s in states], observations=[s.observations for s in states],
+                   roles=torch.cat([roles, new_roles], 1), written_by_policy=written, logprobs=logprobs,
+                   texts=texts, tool_calls=[s.calls for s in states], observations=[s.observations for s in states],
                    invalid_calls=[s.invalid for s in states])
 
 
 # -----------------------------------------------------------------------------
 # 5. The update
 #
-# Under torchrun (several processes, data parallel) each process holds a share of the batch,
-# in whole GRPO groups, so the advantages need no communication. The loss is normalized by the
-# totals of the whole batch and the gradients are summed over processes: N processes take
-# exactly the step that one process takes on the whole batch. In one process the helpers
-# below do nothing.
+# The log-probs of a batch of rollouts are recomputed by a training forward that reads the
+# batch exactly as the rollout did (the same ids, mask, positions and roles), so before any
+# update they equal the sampler's. The loss of each token is weighted once for the whole
+# batch, and the batch is cut into micro-batches that accumulate gradients. Under torchrun
+# (section 9) each process holds a share of the batch; in one process those helpers do nothing.
 
 
-def rank_and_size():
-    dist = torch.distributed
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
-def all_reduce_sum(tensor):
-    """Sum a tensor over the processes, in place."""
-    if rank_and_size()[1] > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor
-
-
-def sum_gradients(params):
-    """Sum every process's gradients with one all-reduce over a flat buffer (a share that carried
-    no loss contributes zeros: every process takes part in every collective, so none can hang)."""
-    if rank_and_size()[1] == 1:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    torch.distributed.all_reduce(flat)
-    for p, grad in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = grad.view_as(p).clone()
-
-
-def response_logprobs(policy, ids, attention_mask, prompt_len, temperature, with_entropy=True):
+def response_logprobs(policy, ids, attention_mask, prompt_len, temperature, with_entropy=True, prompt_keys=None):
     """Log-probs of the response tokens, and the policy's entropy at each response position (None
     without with_entropy: the KL reference needs none, and it is a pass over the vocabulary), from
     a training forward over the same ids, mask, positions and roles the rollout used, read the way
     the rollout reads them: each distinct prompt once, then every row's response on a copy of its
-    prompt's KV cache (the gradient flows back through the copies into the shared prompt)."""
-    roles, position = token_roles(ids, policy.special), positions(attention_mask)
-    heads, of_row = share_prompts(torch.cat([ids[:, :prompt_len], attention_mask[:, :prompt_len]], 1).tolist(),
-                                  ids.device)
-    caches = new_caches(policy)
+    prompt's KV cache (the gradient flows back through the copies into the shared prompt).
+    prompt_keys: which rows share a prompt, when the caller knows; else read off the ids."""
+    roles, position = token_roles(ids, policy.special.spans), position_ids(attention_mask)
     prompt = (slice(None), slice(None, prompt_len))
-    last = policy.logits(ids[heads][prompt], attention_mask[heads][prompt], position[heads][prompt],
-                         roles[heads][prompt], caches, logits_to_keep=1)
-    for cache in caches:
-        cache.reorder_cache(of_row)
+    if prompt_keys is None:
+        prompt_keys = torch.cat([ids[prompt], attention_mask[prompt]], 1).tolist()
+    caches = new_caches(policy)
+    last = read_prompts(policy, prompt_keys, ids[prompt], attention_mask[prompt], position[prompt], roles[prompt],
+                        caches)
     rest = policy.logits(ids[:, prompt_len:], attention_mask, position[:, prompt_len:], roles[:, prompt_len:], caches)
-    logits = torch.cat([last[of_row], rest[:, :-1]], 1)  # position t's logits predict token t + 1
+    logits = torch.cat([last[:, None], rest[:, :-1]], 1)  # position t's logits predict token t + 1
     logp_all = torch.log_softmax(logits / temperature, -1)
     entropy = None
     if with_entropy:
@@ -622,32 +660,43 @@ def response_logprobs(policy, ids, attention_mask, prompt_len, temperature, with
     return logp_all.gather(-1, ids[:, prompt_len:, None]).squeeze(-1), entropy
 
 
+@dataclass
+class MicroBatch:
+    rows: torch.Tensor  # rows of the batch
+    length: int         # the longest response among them
+    prompts: list       # per row, its question's distinct prompt: rows with the same one read it once
+
+
 def micro_batches(batch, micro_batch):
     """Rows micro_batch at a time, each micro-batch cut to the length of its longest response (short
     answers are not padded to the longest of the batch). Rows are ordered by the longest response
     of their question's group, then by question, so that a question's rows stay together and
-    share the reading of their prompt."""
-    lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1)
-    _, of_row = share_prompts(batch.ids[:, :batch.prompt_len].tolist(), lengths.device)
-    group_length = torch.zeros(int(of_row.max()) + 1, dtype=lengths.dtype, device=lengths.device)
-    group_length = group_length.scatter_reduce(0, of_row, lengths, "amax")[of_row]
-    order = sorted(range(len(lengths)), key=lambda row: (-int(group_length[row]), int(of_row[row])))
-    return [(rows, int(lengths[rows].max())) for rows in torch.tensor(order, device=lengths.device).split(micro_batch)]
+    share the reading of their prompt. Planned on the host from two reads, before the update
+    starts, so that its loop over micro-batches never waits on the device."""
+    lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1).tolist()
+    _, of_row = share_prompts(batch.ids[:, :batch.prompt_len].tolist())
+    group_length = {}
+    for row, group in enumerate(of_row):
+        group_length[group] = max(group_length.get(group, 0), lengths[row])
+    order = sorted(range(len(lengths)), key=lambda row: (-group_length[of_row[row]], of_row[row]))
+    return [MicroBatch(torch.tensor(rows, device=batch.ids.device), max(lengths[r] for r in rows),
+                       [of_row[r] for r in rows]) for rows in (order[i:i + micro_batch]
+                                                                 for i in range(0, len(order), micro_batch))]
 
 
-def chunk_logprobs(policy, batch, rows, length, temperature, with_entropy=True):
-    """response_logprobs of some rows, computed on their first `length` response slots and padded
-    back to the batch's width with zeros (those slots carry no loss)."""
-    end = batch.prompt_len + length
-    logp, entropy = response_logprobs(policy, batch.ids[rows, :end], batch.attention_mask[rows, :end],
-                                      batch.prompt_len, temperature, with_entropy)
-    pad = (0, batch.written_by_policy.shape[1] - length)
+def chunk_logprobs(policy, batch, chunk, temperature, with_entropy=True):
+    """response_logprobs of a micro-batch's rows, computed on their first `length` response slots
+    and padded back to the batch's width with zeros (those slots carry no loss)."""
+    end = batch.prompt_len + chunk.length
+    logp, entropy = response_logprobs(policy, batch.ids[chunk.rows, :end], batch.attention_mask[chunk.rows, :end],
+                                      batch.prompt_len, temperature, with_entropy, [[key] for key in chunk.prompts])
+    pad = (0, batch.written_by_policy.shape[1] - chunk.length)
     return F.pad(logp, pad), entropy if entropy is None else F.pad(entropy, pad)
 
 
 def loss_mask(batch, special, mode):
     """Which response tokens carry loss: those the policy wrote, of the role(s) the mode trains."""
-    target_roles = token_roles(batch.ids, special)[:, batch.prompt_len - 1:-1]  # role that predicted each token
+    target_roles = token_roles(batch.ids, special.spans)[:, batch.prompt_len - 1:-1]  # role that predicted each token
     if mode == "reason_only":
         return batch.written_by_policy & (target_roles == REASONING), target_roles
     if mode == "tool_only":
@@ -660,76 +709,104 @@ def reference_logprobs(policy, batch, chunks, temperature):
     """Log-probs of the batch's response tokens under the KL reference (the adapters off)."""
     ref_logp = torch.zeros_like(batch.logprobs)
     with adapters_off(policy.routing):
-        for rows, length in chunks:
-            ref_logp[rows] = chunk_logprobs(policy, batch, rows, length, temperature, with_entropy=False)[0]
+        for chunk in chunks:
+            ref_logp[chunk.rows] = chunk_logprobs(policy, batch, chunk, temperature, with_entropy=False)[0]
     return ref_logp
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def make_optimizer(policy, cfg):
     """AdamW over the adapters (and mixlora's routers) only, without weight decay: the pull
     toward the base model is the KL term's job."""
-    return torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    return torch.optim.AdamW(trainable(policy.model), lr=cfg.lr, weight_decay=0.0)
 
 
 def grpo_update(policy, optimizer, batch, advantages, cfg):
     """updates_per_batch GRPO updates on a batch of rollouts (this process's share of it); returns
     per-role metrics of the whole batch. A non-finite loss or gradient skips the update and leaves
     the adapters as they were."""
-    params = [p for p in policy.model.parameters() if p.requires_grad]
+    params = trainable(policy.model)
+    # 1. which tokens carry loss, and each one's weight in the batch's loss
     mask, target_roles = loss_mask(batch, policy.special, cfg.mode)
     weights = token_weights(mask, cfg.loss_agg, cfg.max_new_tokens, all_reduce_sum(batch_totals(mask)))
     chunks = micro_batches(batch, cfg.micro_batch)
-    with policy.training():  # every forward and backward below runs at the update's precision
-        if cfg.kl_beta > 0:  # the reference does not change between updates: one forward per batch
-            ref_logp = torch.where(mask, reference_logprobs(policy, batch, chunks, cfg.temperature), 0.0)
-        sums = {f"{name}_{role}": 0.0 for name in ("loss", "kl", "entropy") for role in ("reason", "tool")}
-        sums["sampler_gap"] = 0.0  # |training - sampling log-prob| summed over the tokens with loss
-        old_logp = []  # pi_old per micro-batch, from the first pass
-        skipped, passes = 0, 0
+    log = UpdateLog(batch, mask, target_roles)
+    with policy.update_precision():
+        # 2. the reference's log-probs: it does not change between updates, so one forward per batch
+        ref_logp = torch.where(mask, reference_logprobs(policy, batch, chunks, cfg.temperature), 0.0) \
+            if cfg.kl_beta > 0 else None
+        old_logp = []  # pi_old per micro-batch: the first pass's own log-probs
         for update in range(cfg.updates_per_batch):
+            # 3. forward and backward micro-batch by micro-batch; the gradients add up
             optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for i, (rows, length) in enumerate(chunks):
+            total = torch.zeros((), dtype=torch.float64, device=mask.device)
+            for i, chunk in enumerate(chunks):
+                rows = chunk.rows
                 with lora_dropout_on(policy.model):
-                    logp, entropy = chunk_logprobs(policy, batch, rows, length, cfg.temperature)
-                on = mask[rows]
-                logp = torch.where(on, logp, 0.0)
+                    logp, entropy = chunk_logprobs(policy, batch, chunk, cfg.temperature)
+                logp = torch.where(mask[rows], logp, 0.0)
                 if update == 0:
                     old_logp.append(logp.detach())
-                    sums["sampler_gap"] += (logp.detach() - batch.logprobs[rows])[on].abs().sum().item()
-                ref = ref_logp[rows] if cfg.kl_beta > 0 else logp.detach()  # beta = 0: no reference forward
+                ref = logp.detach() if ref_logp is None else ref_logp[rows]  # beta = 0: no reference forward
                 per_token, kl = token_loss(logp, old_logp[i], ref, advantages[rows, None], cfg.clip_eps, cfg.kl_beta)
                 loss = (per_token * weights[rows]).sum()
                 loss.backward()
-                total += loss.item()
-                with torch.no_grad():
-                    for role, name in ((REASONING, "reason"), (TOOL, "tool")):
-                        sel = on & (target_roles[rows] == role)
-                        sums[f"loss_{name}"] += per_token[sel].sum().item()
-                        sums[f"kl_{name}"] += kl[sel].sum().item()
-                        sums[f"entropy_{name}"] += entropy[sel].sum().item()
-            passes += 1
+                total += loss.detach()
+                log.add(update, rows, logp, per_token, kl, entropy)
+            # 4. one optimizer step on the gradients of the whole batch, unless they are not finite
             sum_gradients(params)
-            total = all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=mask.device)).item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if math.isfinite(total) and torch.isfinite(grad_norm):
-                optimizer.step()
-            else:
-                skipped = 1
+            loss_value, norm_value = torch.stack([all_reduce_sum(total), grad_norm.double()]).tolist()
+            log.passes += 1
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                log.skipped = 1
                 optimizer.zero_grad(set_to_none=True)
                 break
-    counts = {name: (mask & (target_roles == role)).sum().item()
-              for role, name in ((REASONING, "reason"), (TOOL, "tool"))}
-    summed = all_reduce_sum(torch.tensor(list(sums.values()) + list(counts.values()), dtype=torch.float64,
-                                         device=mask.device)).tolist()
-    sums, counts = dict(zip(sums, summed)), dict(zip(counts, summed[len(sums):]))
-    metrics = {"loss": total, "grad_norm": grad_norm.item(), "skipped": skipped,
-               "sampler_gap": sums.pop("sampler_gap") / max(sum(counts.values()), 1)}
-    for name, count in counts.items():
-        metrics[f"tokens_{name}"] = int(count)
-        for key in ("loss", "kl", "entropy"):
-            metrics[f"{key}_{name}"] = sums[f"{key}_{name}"] / max(count * passes, 1)
-    return metrics
+            optimizer.step()
+    return log.metrics(loss_value, norm_value)
+
+
+class UpdateLog:
+    """What grpo_update reports, per role: the mean loss, KL and entropy of the tokens with loss,
+    and how far the training log-probs are from the sampler's. Each micro-batch's tensors are kept
+    and read at the end, when the update's work is done: a read inside the loop would make the
+    host wait for the GPU before it could queue the next micro-batch."""
+
+    def __init__(self, batch, mask, target_roles):
+        self.batch, self.mask, self.target_roles = batch, mask, target_roles
+        self.pieces = []
+        self.passes, self.skipped = 0, 0
+
+    def add(self, update, rows, logp, per_token, kl, entropy):
+        self.pieces.append((update, rows, logp.detach(), per_token.detach(), kl.detach(), entropy))
+
+    def metrics(self, loss, grad_norm):
+        roles = ((REASONING, "reason"), (TOOL, "tool"))
+        sums = {f"{name}_{role}": 0.0 for name in ("loss", "kl", "entropy") for _, role in roles}
+        sums["sampler_gap"] = 0.0  # |training - sampling log-prob| summed over the tokens with loss
+        for update, rows, logp, per_token, kl, entropy in self.pieces:
+            on = self.mask[rows]
+            if update == 0:
+                sums["sampler_gap"] += (logp - self.batch.logprobs[rows])[on].abs().sum().item()
+            for role, name in roles:
+                sel = on & (self.target_roles[rows] == role)
+                sums[f"loss_{name}"] += per_token[sel].sum().item()
+                sums[f"kl_{name}"] += kl[sel].sum().item()
+                sums[f"entropy_{name}"] += entropy[sel].sum().item()
+        counts = {name: (self.mask & (self.target_roles == role)).sum().item() for role, name in roles}
+        summed = all_reduce_sum(torch.tensor(list(sums.values()) + list(counts.values()), dtype=torch.float64,
+                                             device=self.mask.device)).tolist()
+        sums, counts = dict(zip(sums, summed)), dict(zip(counts, summed[len(sums):]))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": self.skipped,
+                   "sampler_gap": sums.pop("sampler_gap") / max(sum(counts.values()), 1)}
+        for name, count in counts.items():
+            metrics[f"tokens_{name}"] = int(count)
+            for key in ("loss", "kl", "entropy"):
+                metrics[f"{key}_{name}"] = sums[f"{key}_{name}"] / max(count * self.passes, 1)
+        return metrics
 
 
 # -----------------------------------------------------------------------------
@@ -753,8 +830,8 @@ def evaluate(policy, registry, tasks, cfg, batch_size=256):
     """Greedy accuracy on `tasks`, per family, with tool-call statistics, format health and
     each question's 0/1 result (for paired comparisons between runs). Under torchrun every
     process answers a share of the questions."""
-    rank, size = rank_and_size()
-    mine = list(range(rank, len(tasks), size))
+    rank, count = process_rank(), process_count()
+    mine = list(range(rank, len(tasks), count))
     rows = []
     for start in tqdm(range(0, len(mine), batch_size), desc="eval", leave=False, disable=rank > 0):
         chunk = [tasks[i] for i in mine[start:start + batch_size]]
@@ -785,36 +862,35 @@ def step_seed(seed, step):
     return seed * 1_000_003 + step
 
 
+def warmup_ramp(step, warmup_steps):
+    """The share of the peak learning rate during a linear warmup (1 after it)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def warmup_cosine(peak, step, total, warmup_steps):
+    """Linear warmup over warmup_steps, then a cosine decay to 10% of the peak at step `total`."""
+    return peak * warmup_ramp(step, warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step / total))))
+
+
 def learning_rate(cfg, step):
-    """Linear warmup over warmup_steps, then constant or a cosine decay to 10% at the last step.
-    A function of the step alone, so a resumed run continues the same schedule."""
-    warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    """The RL learning rate: warmup, then constant or a cosine decay to 10% at the last step. A
+    function of the step alone, so a resumed run continues the same schedule. The decay keeps the
+    last steps small, so that a run ends near its best evaluation instead of drifting away from it."""
     if cfg.lr_schedule == "constant":
-        return cfg.lr * warmup
-    progress = step / max(1, cfg.steps - 1)
-    return cfg.lr * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def gather_lists(local):
-    """Each process's list, concatenated in rank order (one process: the list itself)."""
-    size = rank_and_size()[1]
-    if size == 1:
-        return local
-    parts = [None] * size
-    torch.distributed.all_gather_object(parts, local)
-    return [item for part in parts for item in part]
+        return cfg.lr * warmup_ramp(step, cfg.warmup_steps)
+    return warmup_cosine(cfg.lr, step, max(1, cfg.steps - 1), cfg.warmup_steps)
 
 
 def rl_step(policy, optimizer, registry, world, cfg, step):
     """Sample a batch of train questions, roll out G answers each, score, update. Under torchrun
     every process draws the same questions and rolls out its share of them."""
-    rank, size = rank_and_size()
+    rank = process_rank()
     rng = random.Random(step_seed(cfg.seed, step))  # the same questions in every process
     sampling_seed = step_seed(cfg.seed, step) + 7919 * rank  # each process its own rollouts and dropout
     torch.manual_seed(sampling_seed)  # LoRA dropout
     generator = torch.Generator(policy.device).manual_seed(sampling_seed)
     tasks = [toy_tasks.sample_task(rng, world, "train") for _ in range(cfg.questions_per_step)]
-    share = cfg.questions_per_step // size
+    share = cfg.questions_per_step // process_count()
     tasks = tasks[rank * share:(rank + 1) * share]
     prompts = [prompt_ids(policy.tok, t.question) for t in tasks for _ in range(cfg.group_size)]
     started = clock(policy.device)
@@ -828,11 +904,20 @@ def rl_step(policy, optimizer, registry, world, cfg, step):
         group["lr"] = learning_rate(cfg, step)
     metrics = grpo_update(policy, optimizer, batch, advantages.flatten().to(policy.device), cfg)
     update_seconds = clock(policy.device) - started
+    sampled_tokens = batch_metrics(metrics, batch, rewards, cfg.group_size)
+    speed = {"rollout_s": rollout_seconds, "update_s": update_seconds, "sampled_tokens": sampled_tokens,
+             "trained_tokens": metrics["tokens_reason"] + metrics["tokens_tool"]}
+    return metrics, speed
+
+
+def batch_metrics(metrics, batch, rewards, group_size):
+    """Add the reward, accuracy, tool use, format and length of the step's rollouts (every
+    process's) to `metrics`; returns the number of tokens sampled."""
     lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1).tolist()
     rows = gather_lists(list(zip(rewards, batch.tool_calls, batch.invalid_calls, batch.observations, lengths,
-                                 batch.texts)))  # every process's rows, for the metrics of the whole batch
+                                 batch.texts)))
     rewards, calls, invalid, observations, lengths, texts = (list(column) for column in zip(*rows))
-    rewards = torch.tensor(rewards).view(-1, cfg.group_size)
+    rewards = torch.tensor(rewards).view(-1, group_size)
     metrics.update(reward=rewards.mean().item(),
                    accuracy=(rewards == 1).float().mean().item(),
                    tool_calls=float(np.mean(calls)),
@@ -840,9 +925,7 @@ def rl_step(policy, optimizer, registry, world, cfg, step):
                    **format_health(texts, observations),
                    response_tokens=float(np.mean(lengths)),
                    zero_variance_groups=(rewards.std(-1) == 0).float().mean().item())
-    speed = {"rollout_s": rollout_seconds, "update_s": update_seconds, "sampled_tokens": int(sum(lengths)),
-             "trained_tokens": metrics["tokens_reason"] + metrics["tokens_tool"]}
-    return metrics, speed
+    return int(sum(lengths))
 
 
 def adapter_state(model):
@@ -851,20 +934,24 @@ def adapter_state(model):
 
 
 def load_trainable(model, state):
-    """Load adapter tensors; every trainable tensor must be there (the frozen base is not)."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(state) != trainable:
-        raise DartError(f"adapters for another configuration: {len(set(state) ^ trainable)} tensors differ")
+    """Load adapter tensors; every trainable tensor must be there with its shape (the frozen base is
+    not). Checked before anything is copied, so adapters of another model or mode are refused whole."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(params):
+        raise DartError(f"adapters for another model or mode: {len(set(state) ^ set(params))} tensor names differ")
+    if wrong := [n for n, p in params.items() if tuple(state[n].shape) != tuple(p.shape)]:
+        raise DartError(f"adapters for another rank or mode: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
+                        f"this model's has {tuple(params[wrong[0]].shape)}")
     model.load_state_dict(state, strict=False)
 
 
-def load_adapter_block(model, state, block, rank):
+def load_adapter_block(model, state, block, lora_rank):
     """Copy a single-block adapter (a joint / reason_only / tool_only run) into block `block` of
     this model's layers: the inference-time hybrids of LEAS cost no training."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
-            rows = slice(block * rank, (block + 1) * rank)
+            rows = slice(block * lora_rank, (block + 1) * lora_rank)
             if name.endswith("lora_A"):
                 params[name][rows] = value
             elif name.endswith("lora_B"):
@@ -878,37 +965,52 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def write_json(path, value):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=1)
+    atomic_write(path, write)
+
+
+# what a checkpoint's adapters depend on: resuming with any of these changed would load them wrongly
+ADAPTER_IDENTITY = ("model", "mode", "lora_rank", "alpha", "targets", "cached_base")
+
+
 def save_checkpoint(run_dir, policy, optimizer, cfg, step):
     from safetensors.torch import save_file
     state = adapter_state(policy.model)
+    identity = {key: getattr(cfg, key) for key in ADAPTER_IDENTITY}
     atomic_write(os.path.join(run_dir, "checkpoint.pt"), lambda p: torch.save(
-        {"step": step, "adapters": state, "optimizer": optimizer.state_dict()}, p))
+        {"step": step, "adapters": state, "optimizer": optimizer.state_dict(), "identity": identity}, p))
     metadata = {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg))}
     atomic_write(os.path.join(run_dir, "adapters.safetensors"), lambda p: save_file(state, p, metadata=metadata))
 
 
-def load_checkpoint(run_dir, policy, optimizer):
+def load_checkpoint(run_dir, policy, optimizer, cfg):
     """Restore adapters and optimizer; returns the step to continue from (0 without a checkpoint)."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
         return 0
+    advice = "Delete that file to restart the run from step 0, or resume with the settings it was made with."
     try:
-        state = torch.load(path, map_location=policy.device, weights_only=True)
+        # onto the CPU: AdamW keeps its step counts there (loaded onto a GPU, every optimizer step
+        # would wait on a read of each of them); load_state_dict moves the rest to the adapters' device
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        identity = {key: getattr(cfg, key) for key in ADAPTER_IDENTITY}
+        if (saved := state.get("identity", identity)) != identity:
+            key = next(k for k in ADAPTER_IDENTITY if saved.get(k) != identity[k])
+            raise DartError(f"{path} holds adapters of another run (its {key} is {saved.get(key)!r}, not "
+                            f"{identity[key]!r}). {advice}")
         load_trainable(policy.model, state["adapters"])
         optimizer.load_state_dict(state["optimizer"])
-    except Exception as e:  # any failure here means the file is not a checkpoint of this run
-        raise DartError(f"cannot resume from {path} ({type(e).__name__}: {str(e)[:200]}). Delete that file "
-                        f"to restart the run from step 0, or resume with the settings it was made with.") from e
-    return state["step"]
+        return int(state["step"])
+    except DartError:
+        raise
+    except Exception as e:  # any other failure means the file is not a checkpoint of this run
+        raise DartError(f"cannot resume from {path} ({type(e).__name__}: {str(e)[:200]}). {advice}") from e
 
 
-def load_adapters(path, policy):
-    """Load adapters.safetensors (a finished run's output) into a policy built with the same config."""
-    from safetensors.torch import load_file
-    load_trainable(policy.model, load_file(path, device=policy.device))
-
-
-def export_peft(run_dir):
+def write_peft_adapters(run_dir):
     """Write a run's adapters as PEFT LoRA adapters, one folder per block: peft/reasoning and
     peft/tool for dart and two_agent, peft/shared for the one-adapter modes. Loaded with PEFT on
     the base the run trained on, each gives the logits DART gives with every token in that role."""
@@ -919,21 +1021,27 @@ def export_peft(run_dir):
     path = os.path.join(run_dir, "adapters.safetensors")
     if not os.path.exists(path):
         raise DartError(f"{run_dir} has no adapters.safetensors yet (the run saves them at its first checkpoint)")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except Exception as e:
+        raise DartError(f"cannot read {path} ({type(e).__name__}: {str(e)[:150]}); it is damaged: rerun or "
+                        f"resume the run to write it again") from e
     names = ("reasoning", "tool") if BLOCK_GATES[cfg.mode] == BLOCK_GATES["dart"] else ("shared",)
-    rank = cfg.rank * (2 if cfg.mode == "joint2r" else 1)  # joint2r: one rank-2r LoRA, scale alpha / 2r
+    lora_rank = cfg.lora_rank * (2 if cfg.mode == "joint2r" else 1)  # joint2r: one rank-2r LoRA, scale alpha / 2r
     written = []
     for block, name in enumerate(names):
-        rows = slice(block * rank, (block + 1) * rank)
+        rows = slice(block * lora_rank, (block + 1) * lora_rank)
         tensors = {}
         for key, value in state.items():  # e.g. model.layers.0.self_attn.q_proj.lora_A
             module, part = key.rsplit(".", 1)
+            if part not in ("lora_A", "lora_B") or value.shape[0 if part == "lora_A" else 1] < rows.stop:
+                raise DartError(f"{path} does not hold this run's adapters ({key} has shape {tuple(value.shape)})")
             tensors[f"base_model.model.{module}.{part}.weight"] = (value[rows] if part == "lora_A"
                                                                    else value[:, rows]).contiguous()
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": cfg.alpha,
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_rank, "lora_alpha": cfg.alpha,
                   "lora_dropout": cfg.lora_dropout, "bias": "none", "fan_in_fan_out": False,
                   "target_modules": sorted({k.rsplit(".", 2)[1] for k in state}),
-                  "base_model_name_or_path": os.path.abspath(base_path(cfg)), "inference_mode": True,
+                  "base_model_name_or_path": cfg.cached_base or os.path.abspath(base_path(cfg)), "inference_mode": True,
                   "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None}
         folder = os.path.join(run_dir, "peft", name)
         os.makedirs(folder, exist_ok=True)
@@ -951,30 +1059,24 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def keep_steps_before(path, step):
-    """Rewrite a per-step log without the steps a resumed run will redo; returns what is kept."""
-    kept = [r for r in read_jsonl(path) if r["step"] < step]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    return kept
-
-
 def saved_config(run_dir):
+    """The Config a run directory's config.json holds, checked as the command line is."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise DartError(f"{run_dir} is not a run directory (no config.json in it). Pass the folder a previous "
                         f"run printed, e.g. runs/<time>-dart-s0.")
-    with open(path) as f:
-        return Config(**json.load(f))
+    try:
+        with open(path) as f:
+            cfg = Config(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:  # unreadable, not JSON, or not this Config's fields
+        raise DartError(f"{path} is not a config.json this dart.py wrote ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}); pass the folder of a run made with this version") from e
+    check_config(cfg, f"{path}: ")
+    return cfg
 
 
-def prepare_run_dir(cfg):
-    if not cfg.out:
-        cfg.out = os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.mode}-s{cfg.seed}")
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    return cfg.out
+def timestamped_dir(name):
+    return os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{name}")
 
 
 NO_SIGNAL_STEPS = 3
@@ -996,65 +1098,73 @@ def no_signal_warning(history):
             f"warm start), add --format_bonus=0.1, or use a stronger --model; Ctrl-C stops this run.")
 
 
-def broadcast_from_first(value):
-    """Rank 0's value, on every process."""
-    if rank_and_size()[1] > 1:
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
+class RunFiles:
+    """The run directory: config.json, metrics.jsonl (one JSON object per step), speed.jsonl,
+    checkpoints. It is created only once the model is loaded (and a resumed run's checkpoint read),
+    so a run that fails before it trains leaves nothing behind. Under torchrun only rank 0 writes."""
 
+    def __init__(self, cfg, start):
+        self.dir, self.writes, self.history = cfg.out, process_rank() == 0, []
+        if not self.writes:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        write_json(os.path.join(self.dir, "config.json"), dataclasses.asdict(cfg))
+        # a resumed run redoes the steps after its checkpoint: their lines go
+        self.history = self.keep_steps_before("metrics.jsonl", start)
+        self.keep_steps_before("speed.jsonl", start)
 
-@contextlib.contextmanager
-def first_process_first():
-    """Rank 0 runs the body before the others: it builds and caches the base, they read the cache."""
-    rank, size = rank_and_size()
-    if rank > 0:
-        torch.distributed.barrier()
-    yield
-    if rank == 0 and size > 1:
-        torch.distributed.barrier()
+    def keep_steps_before(self, name, step):
+        path = os.path.join(self.dir, name)
+        kept = [r for r in read_jsonl(path) if r["step"] < step]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        return kept
 
+    def append(self, name, record):
+        with open(os.path.join(self.dir, name), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
-def check_same_adapters(model, step):
-    """Under torchrun every process must hold the same adapters after every step: one checksum per
-    process, compared (a small gather per step, against a silent divergence)."""
-    if rank_and_size()[1] == 1:
-        return
-    checksums = gather_lists([sum(p.detach().double().sum().item() for p in model.parameters() if p.requires_grad)])
-    if len(set(checksums)) > 1:
-        raise RuntimeError(f"the processes' adapters differ after step {step}: checksums {checksums}")
+    def log(self, record, speed):
+        if not self.writes:
+            return
+        self.history.append(record)
+        if record["step"] == NO_SIGNAL_STEPS - 1 and (warning := no_signal_warning(self.history)):
+            tqdm.write(warning)
+        self.append("metrics.jsonl", record)
+        if speed is not None:
+            self.append("speed.jsonl", {"step": record["step"], **speed})
+
+    def checkpoint(self, policy, optimizer, cfg, step):
+        if self.writes:
+            save_checkpoint(self.dir, policy, optimizer, cfg, step)
 
 
 def train(cfg, report=True):
     """The whole RL run. Returns the run directory, which holds config.json, metrics.jsonl (one
     JSON object per step; eval results on eval steps), speed.jsonl, checkpoint.pt,
     adapters.safetensors and results.md. Under torchrun only rank 0 writes and prints."""
-    if cfg.temperature <= 0:
-        raise DartError("--temperature must be > 0 for training (log-probs are taken at it)")
-    rank, size = rank_and_size()
-    if cfg.questions_per_step % size:
-        raise DartError(f"--questions_per_step={cfg.questions_per_step} must be a multiple of the number of "
-                        f"processes ({size}): each process rolls out whole groups")
-    run_dir = cfg.out = broadcast_from_first(prepare_run_dir(cfg) if rank == 0 else None)
+    check_config(cfg)
+    check_process_count(cfg)
+    cfg.out = broadcast_from_first(cfg.out or timestamped_dir(f"{cfg.mode}-s{cfg.seed}"))
+    if not cfg.resume and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
+        raise DartError(f"{cfg.out} already holds a run; continue it with --resume={cfg.out}, or pass another --out")
+    cfg.cached_base = cfg.cached_base or os.path.abspath(base_path(cfg))  # recorded: a resumed run reuses this base
     with first_process_first():
         policy = load_policy(cfg)
     world = toy_tasks.make_world()
     registry = tools.registry(world.kb)
     test = toy_tasks.test_set(world, cfg.eval_per_family)
     optimizer = make_optimizer(policy, cfg)
-    start = load_checkpoint(run_dir, policy, optimizer) if cfg.resume else 0
-    history = []
-    if rank == 0:
-        history = keep_steps_before(os.path.join(run_dir, "metrics.jsonl"), start)
-        keep_steps_before(os.path.join(run_dir, "speed.jsonl"), start)
-    bar = tqdm(range(start, cfg.steps + 1), desc=f"RL {cfg.mode}", initial=start, total=cfg.steps + 1, disable=rank > 0)
+    start = load_checkpoint(cfg.out, policy, optimizer, cfg) if cfg.resume else 0
+    files = RunFiles(cfg, start)
+    bar = tqdm(range(start, cfg.steps + 1), desc=f"RL {cfg.mode}", initial=start, total=cfg.steps + 1,
+               disable=not files.writes)
     for step in bar:
-        record = {"step": step}
+        record, speed = {"step": step}, None
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record.update({f"test_{k}": v for k, v in evaluate(policy, registry, test, cfg).items()})
             bar.set_description(f"RL {cfg.mode} (test acc {record['test_acc']:.0%})")
-            if step == start and rank == 0:
+            if step == start and files.writes:
                 tqdm.write(f"step {step}: test accuracy {record['test_acc']:.0%}; format: "
                            f"{record['test_answered']:.0%} of answers well-formed, "
                            f"{record['test_called_tool']:.0%} call a tool")
@@ -1063,23 +1173,14 @@ def train(cfg, report=True):
             check_same_adapters(policy.model, step)
             record.update(metrics)
             bar.set_postfix(reward=f"{metrics['reward']:.2f}", tool_calls=f"{metrics['tool_calls']:.1f}")
-        if rank > 0:
-            continue
-        history.append(record)
-        if step == NO_SIGNAL_STEPS - 1 and (warning := no_signal_warning(history)):
-            tqdm.write(warning)
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if step < cfg.steps:
-            with open(os.path.join(run_dir, "speed.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, **speed}) + "\n")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(run_dir, policy, optimizer, cfg, step + 1)
-    if rank == 0:
-        table, curve = write_results(run_dir, history, cfg)
+        files.log(record, speed)
+        if step < cfg.steps and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            files.checkpoint(policy, optimizer, cfg, step + 1)
+    if files.writes:
+        table, curve = write_results(cfg.out, files.history, cfg)
         if report:
-            print_report(run_dir, table, curve, policy, registry, test, cfg)
-    return run_dir
+            print_report(cfg.out, table, curve, policy, registry, test, cfg)
+    return cfg.out
 
 
 # -----------------------------------------------------------------------------
@@ -1115,13 +1216,12 @@ def new_tiny_model(cfg, tok):
     return LlamaForCausalLM(config)
 
 
-def warm_start(model, tok, params, steps, batch_size, lr, seed, desc, device="cpu", amp_dtype=None):
-    """Supervised training on the demonstrator's trajectories, loss on the tokens the policy
-    writes. Short on purpose: the base should know the format but leave room for RL (the paper
-    starts from an instruct model, not from an expert)."""
+def imitate_demonstrations(model, tok, params, steps, batch_size, lr, seed, desc, device="cpu", amp_dtype=None):
+    """The supervised warm start: train `params` on the demonstrator's trajectories, with the loss
+    on the tokens the policy writes. Short on purpose: the base should know the format but leave
+    room for RL (the paper starts from an instruct model, not from an expert)."""
     world = toy_tasks.make_world()
     special = special_ids(tok)
-    pad = special.pad
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * (
@@ -1130,16 +1230,15 @@ def warm_start(model, tok, params, steps, batch_size, lr, seed, desc, device="cp
     autocast = torch.autocast(device.split(":")[0], dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     bar = tqdm(range(steps), desc=desc, leave=False)
     for _ in bar:
-        rows = []
+        rows, targets = [], []
         for _ in range(batch_size):
             task = toy_tasks.sample_task(rng, world, "train")
             prompt = prompt_ids(tok, task.question)
-            ids, policy = trajectory_ids(tok, special, toy_tasks.demonstration(rng, task))
-            rows.append((prompt + ids, [0] * len(prompt) + policy))
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r, _ in rows], device=device)
-        target_mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows], dtype=torch.bool, device=device)
-        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in rows], device=device)
+            ids, written = trajectory_ids(tok, special, toy_tasks.demonstration(rng, task))
+            rows.append(prompt + ids)
+            targets.append([0] * len(prompt) + written)
+        ids, attention = pad_rows(rows, special.pad, "right", device)
+        target_mask = pad_rows(targets, 0, "right", device)[0].bool()
         with autocast:
             logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         labels = ids[:, 1:].masked_fill(~target_mask[:, 1:], -100)
@@ -1158,15 +1257,18 @@ def build_tiny_base(cfg, device):
     tok = build_tokenizer(cfg, toy_tasks.make_world())
     torch.manual_seed(cfg.base_seed)
     model = new_tiny_model(cfg, tok).to(device)
-    return warm_start(model, tok, list(model.parameters()), cfg.base_steps, cfg.base_batch, cfg.base_lr,
-                      cfg.base_seed, "warm start (tiny base)", device), tok
+    return imitate_demonstrations(model, tok, list(model.parameters()), cfg.base_steps, cfg.base_batch, cfg.base_lr,
+                                  cfg.base_seed, "warm start (tiny base)", device), tok
+
+
+def looks_like_path(name):
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1  # hub ids are owner/name
 
 
 def hf_model(name):
     """Any HF causal LM, with the tags as single tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1  # hub ids are owner/name
-    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+    if looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
         raise DartError(f"--model={name} looks like a path but no such directory exists; pass a folder "
                         f"with config.json and weights, or omit --model for the embedded tiny model.")
     try:
@@ -1182,13 +1284,16 @@ def hf_model(name):
 
 def add_tag_tokens(model, tok):
     """Make every tag one token. A tag the tokenizer lacks is added; its input and output
-    embeddings start as the mean of the embeddings of its text's ordinary pieces."""
+    embeddings start as the mean of the embeddings of its text's ordinary pieces. The embedding
+    matrix grows only when the tokenizer outgrows it: many models (Qwen2.5's 151,936 rows for
+    151,665 tokens) keep spare rows so that the output layer's size suits the GPU's tiles."""
     missing = [tag for tag in TAGS if tag not in tok.get_vocab()]
     if not missing:
         return
     pieces = {tag: tok.encode(tag, add_special_tokens=False) for tag in missing}
     tok.add_tokens(missing, special_tokens=True)
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
     with torch.no_grad():
         for matrix in {id(m): m for m in (model.get_input_embeddings().weight,
                                           model.get_output_embeddings().weight)}.values():
@@ -1198,15 +1303,19 @@ def add_tag_tokens(model, tok):
 
 def build_hf_base(cfg, device):
     """--model with the tags added, warm-started for cfg.warm_start steps (0: none). All weights
-    train: measured on SmolLM2-135M (60 steps), that reached 36% test accuracy with tool calls,
-    against 18% and almost no calls for the embeddings alone and 0% for all but the embeddings
-    (the new tags' rows are then never learned)."""
+    train, the new tags' embedding rows among them: without those rows the model cannot learn to
+    write a tag."""
     model, tok = hf_model(cfg.model)
     if cfg.warm_start > 0:
         torch.manual_seed(cfg.base_seed)
-        warm_start(model.to(device).train(), tok, list(model.parameters()), cfg.warm_start, cfg.warm_batch,
-                   cfg.warm_lr, cfg.base_seed, f"warm start ({cfg.model})", device, autocast_dtypes(cfg, device)[1])
+        imitate_demonstrations(model.to(device).train(), tok, list(model.parameters()), cfg.warm_start,
+                               cfg.warm_batch, cfg.warm_lr, cfg.base_seed, f"warm start ({cfg.model})", device,
+                               autocast_dtypes(cfg, device)[1])
     return model.eval(), tok
+
+
+def short_hash(value):
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def folder_fingerprint(name):
@@ -1216,7 +1325,7 @@ def folder_fingerprint(name):
         return name  # a hub id
     files = sorted((f, os.path.getsize(os.path.join(path, f))) for f in os.listdir(path))
     config = open(os.path.join(path, "config.json")).read() if os.path.exists(os.path.join(path, "config.json")) else ""
-    return hashlib.sha256(json.dumps([files, config]).encode()).hexdigest()[:12]
+    return short_hash([files, config])
 
 
 def base_key(cfg):
@@ -1229,7 +1338,7 @@ def base_key(cfg):
         key = {"model": cfg.model, "fingerprint": folder_fingerprint(cfg.model), "base_seed": cfg.base_seed,
                "warm_dtype": str(autocast_dtypes(cfg, resolve_device(cfg))[1]),
                **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("warm_")}}
-    key["world"] = hashlib.sha256(json.dumps(world.kb, sort_keys=True).encode()).hexdigest()[:12]
+    key["world"] = short_hash(world.kb)
     key["tasks"] = toy_tasks.tokenizer_corpus(world, n=20)
     key["tags"] = TAGS
     return key
@@ -1237,17 +1346,20 @@ def base_key(cfg):
 
 def base_path(cfg):
     """The cached base's folder: an ordinary HF model folder (config, weights, tokenizer)."""
-    digest = hashlib.sha256(json.dumps(base_key(cfg), sort_keys=True).encode()).hexdigest()[:12]
     name = "tiny" if cfg.model == "tiny" else "".join(
         c if c.isalnum() else "-" for c in os.path.basename(os.path.normpath(cfg.model)))
-    return os.path.join(cfg.cache_dir, f"{name}-{digest}")
+    return os.path.join(cfg.cache_dir, f"{name}-{short_hash(base_key(cfg))}")
 
 
 def load_base(cfg, device="cpu"):
-    """The base model and tokenizer: from the cache, or built, warm-started (on `device`) and cached."""
+    """The base model and tokenizer from cfg.cached_base (a run's recorded base) or the cache; built,
+    warm-started (on `device`) and cached when it is not there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = base_path(cfg)
+    path = cfg.cached_base or base_path(cfg)
     if not os.path.exists(os.path.join(path, "base.json")):
+        if os.path.abspath(path) != os.path.abspath(base_path(cfg)):
+            raise DartError(f"the base this run trained on, {path}, is gone, and it was built with other settings "
+                            f"or on another device than these, so it cannot be rebuilt here; copy it back")
         model, tok = build_tiny_base(cfg, device) if cfg.model == "tiny" else build_hf_base(cfg, device)
         tmp = f"{path}.tmp{os.getpid()}"
         model.save_pretrained(tmp)
@@ -1256,15 +1368,21 @@ def load_base(cfg, device="cpu"):
             json.dump(base_key(cfg), f, indent=1)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)  # a half-written cache is never mistaken for a finished one
-    tok = AutoTokenizer.from_pretrained(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise DartError(f"the cached base in {path} cannot be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:150]}); delete that folder and run again to rebuild it") from e
 
 
 def autocast_dtypes(cfg, device):
     """Autocast dtypes (None = full precision) of (sampling and evaluation, the update and the warm
-    start): auto = bfloat16 on CUDA, float32 elsewhere; train_dtype auto = as dtype. On a CPU with
-    bfloat16 units, bfloat16 training is faster (SmolLM2's warm start: 3.2 s a step against 5.0)."""
-    pick = lambda name: {"auto": torch.bfloat16 if device.startswith("cuda") else None, "float32": None,
+    start). auto = bfloat16 on a CUDA GPU that computes it natively, float32 elsewhere: older GPUs
+    (T4, V100, Turing laptops) only emulate bfloat16, slower than float32. train_dtype auto = as
+    dtype; on a CPU with bfloat16 units, --train_dtype=bfloat16 makes the update and warm start
+    faster."""
+    native_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
+    pick = lambda name: {"auto": torch.bfloat16 if native_bf16 else None, "float32": None,
                          "bfloat16": torch.bfloat16}[name]
     sample = pick(cfg.dtype)
     return sample, sample if cfg.train_dtype == "auto" else pick(cfg.train_dtype)
@@ -1279,106 +1397,161 @@ def resolve_device(cfg):
 
 
 def load_policy(cfg):
+    """The base with DART layers attached, on its device. With a sampling dtype (bfloat16 on a GPU)
+    the frozen linear weights are held in it from here on: autocast would cast each of them again
+    in every forward, for a 0.5B model gigabytes of memory traffic per sampled token."""
     from transformers.utils import logging
     logging.disable_progress_bar()  # our own bars say what is happening
     device = resolve_device(cfg)
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise DartError("--device=cuda but no CUDA device is visible; use --device=cpu")
     model, tok = load_base(cfg, device)
     if tok.eos_token_id is None:
         raise DartError(f"the tokenizer of --model={cfg.model} has no eos token")
     model.to(device)
     try:
-        routing = attach_dart(model, cfg.rank, cfg.alpha, cfg.targets.split(","), cfg.mode, cfg.lora_dropout, cfg.seed)
+        routing = attach_dart(model, cfg.lora_rank, cfg.alpha, cfg.targets.split(","), cfg.mode, cfg.lora_dropout,
+                              cfg.seed)
     except ValueError as e:
         raise DartError(f"{e} (--targets={cfg.targets})") from e
-    return Policy(model, tok, special_ids(tok), routing, device, *autocast_dtypes(cfg, device))
+    amp_dtype, train_dtype = autocast_dtypes(cfg, device)
+    if amp_dtype is not None:
+        hold_frozen_linears(model, amp_dtype)
+    return Policy(model, tok, special_ids(tok, device), routing, device, amp_dtype, train_dtype)
 
 
 # -----------------------------------------------------------------------------
 # 8. Config and command line, the report, --compare, --bench
 
 
-def option(default, help):
-    """A config field with its one-line help text (python dart.py --help prints it)."""
-    return field(default=default, metadata={"help": help})
+def option(default, help, valid=None):
+    """A config field with its one-line help text (python dart.py --help prints it) and the test
+    its value must pass, as (predicate, what it allows); checked as soon as the command line is read."""
+    return field(default=default, metadata={"help": help, "valid": valid})
+
+
+def at_least(low):
+    return lambda value: value >= low, f"at least {low}"
+
+
+def above(low):
+    return lambda value: value > low, f"above {low}"
+
+
+def between(low, high, high_included=True):
+    inside = (lambda v: low <= v <= high) if high_included else (lambda v: low <= v < high)
+    return inside, f"in [{low}, {high}{']' if high_included else ')'}"
+
+
+def one_of(*choices):
+    return lambda value: value in choices, "one of " + ", ".join(choices)
+
+
+def mode_list():
+    return lambda value: bool(value) and all(m in MODES for m in value.split(",")), \
+        "a comma-separated list of " + ", ".join(MODES)
 
 
 @dataclass
 class Config:
     # what to run
     model: str = option("tiny", "'tiny' = the embedded default; else an HF model name or folder")
-    mode: str = option("dart", "which adapters write which tokens: " + ", ".join(MODES))
-    steps: int = option(80, "RL steps")
-    seed: int = option(0, "seed of the adapters' initialization, the questions and the sampling")
+    mode: str = option("dart", "which adapters write which tokens: " + ", ".join(MODES), one_of(*MODES))
+    steps: int = option(80, "RL steps", at_least(1))
+    seed: int = option(0, "seed of the adapters' initialization, the questions and the sampling", at_least(0))
     out: str = option("", "run directory; default runs/<time>-<mode>-s<seed>")
     resume: str = option("", "a run directory to continue from its last checkpoint")
-    device: str = option("auto", "auto = cuda, else mps, else cpu")
-    dtype: str = option("auto", "autocast of sampling and evaluation: auto = bfloat16 on cuda, float32 elsewhere")
-    train_dtype: str = option("auto", "autocast of the update and the warm start: auto = as --dtype")
+    device: str = option("auto", "auto = cuda, else mps, else cpu", one_of("auto", "cpu", "cuda", "mps"))
+    dtype: str = option("auto", "autocast of sampling and evaluation: auto = bfloat16 on a GPU that computes it "
+                                "natively, float32 elsewhere", one_of("auto", "float32", "bfloat16"))
+    train_dtype: str = option("auto", "autocast of the update and the warm start: auto = as --dtype",
+                              one_of("auto", "float32", "bfloat16"))
     # adapters
-    rank: int = option(8, "rank r of EACH adapter (DART has two: 2r units in all)")
-    alpha: float = option(16.0, "LoRA scale is alpha / r")
-    lora_dropout: float = option(0.0, "dropout on the LoRA branch, in updates only")
-    targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                          "names of the linear layers that get adapters")
+    lora_rank: int = option(8, "rank r of EACH adapter (DART has two: 2r units in all)", at_least(1))
+    alpha: float = option(16.0, "LoRA scale is alpha / r", above(0))
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch, in updates only", between(0, 1, False))
+    targets: str = option(",".join(ATTENTION_AND_MLP), "names of the linear layers that get adapters")
     # GRPO
-    questions_per_step: int = option(8, "questions per RL step")
-    group_size: int = option(8, "G rollouts per question")
-    # a constant 2e-3 peaked early and ended up to 17.5 points below its peak (seeds 0-4); 1e-3 with
-    # warmup and a cosine decay ends within 1 point of its best on every seed (README, Results)
-    lr: float = option(1e-3, "peak AdamW learning rate of the adapters")
-    lr_schedule: str = option("cosine", "cosine (warmup, then decay to 10% of lr at the last step) | constant")
-    warmup_steps: int = option(5, "steps of linear learning-rate warmup")
-    temperature: float = option(1.0, "sampling temperature; log-probs use the same")
-    clip_eps: float = option(0.2, "PPO clip range of the ratio")
-    kl_beta: float = option(0.01, "weight of the k3 KL to the adapters-off reference (0 = skip it)")
+    questions_per_step: int = option(8, "questions per RL step", at_least(1))
+    group_size: int = option(8, "G rollouts per question (GRPO compares the rollouts of a question)", at_least(2))
+    lr: float = option(1e-3, "peak AdamW learning rate of the adapters", above(0))
+    lr_schedule: str = option("cosine", "cosine (warmup, then decay to 10% of lr at the last step) | constant",
+                              one_of("cosine", "constant"))
+    warmup_steps: int = option(5, "steps of linear learning-rate warmup", at_least(0))
+    temperature: float = option(1.0, "sampling temperature; log-probs use the same", above(0))
+    clip_eps: float = option(0.2, "PPO clip range of the ratio", between(0, 1, False))
+    kl_beta: float = option(0.01, "weight of the k3 KL to the adapters-off reference (0 = skip it)", at_least(0))
     scale_std: bool = option(True, "divide advantages by the group std (false = Dr. GRPO)")
-    loss_agg: str = option("token_mean", "token_mean | seq_mean | dr_grpo")
-    updates_per_batch: int = option(1, "> 1 makes the clipping matter; 1 = REINFORCE with a group baseline")
-    micro_batch: int = option(8, "rows per forward/backward in the update (memory; 8 was fastest for SmolLM2 on CPU)")
-    max_grad_norm: float = option(1.0, "gradient clipping")
-    format_bonus: float = option(0.0, "reward for a wrong but well-formed answer (paper: 0)")
+    loss_agg: str = option("token_mean", "token_mean | seq_mean | dr_grpo", one_of("token_mean", "seq_mean", "dr_grpo"))
+    updates_per_batch: int = option(1, "> 1 makes the clipping matter; 1 = REINFORCE with a group baseline",
+                                    at_least(1))
+    micro_batch: int = option(8, "rows per forward/backward in the update (memory; the loss is the same at any size)",
+                              at_least(1))
+    max_grad_norm: float = option(1.0, "gradient clipping", above(0))
+    format_bonus: float = option(0.0, "reward for a wrong but well-formed answer (paper: 0)", between(0, 1, False))
     # rollout limits
-    max_new_tokens: int = option(80, "tokens per response, observations included")
-    max_tool_calls: int = option(4, "tool calls per response")
-    max_arg_tokens: int = option(24, "tokens in one tool call's argument")
-    max_obs_tokens: int = option(16, "tokens of one observation")
+    max_new_tokens: int = option(80, "tokens per response, observations included", at_least(1))
+    max_tool_calls: int = option(4, "tool calls per response", at_least(0))
+    max_arg_tokens: int = option(24, "tokens in one tool call's argument", at_least(1))
+    max_obs_tokens: int = option(16, "tokens of one observation", at_least(1))
     # evaluation and checkpoints
-    eval_every: int = option(20, "RL steps between greedy test evaluations")
-    eval_per_family: int = option(50, "test questions per task family")
-    save_every: int = option(20, "RL steps between checkpoints")
+    eval_every: int = option(20, "RL steps between greedy test evaluations", at_least(1))
+    eval_per_family: int = option(50, "test questions per task family", at_least(1))
+    save_every: int = option(20, "RL steps between checkpoints", at_least(1))
     # the embedded tiny base (cached on disk under cache_dir, keyed by these base_* fields)
-    base_dim: int = option(192, "tiny base: hidden size")
-    base_layers: int = option(4, "tiny base: layers")
-    base_heads: int = option(4, "tiny base: attention heads")
-    base_vocab: int = option(400, "tiny base: BPE vocabulary size")
-    base_steps: int = option(600, "tiny base: supervised warm-start steps")
-    base_batch: int = option(32, "tiny base: warm-start batch size")
-    base_lr: float = option(1e-3, "tiny base: warm-start learning rate")
-    base_seed: int = option(0, "seed of the base's warm start (tiny base: of its weights too)")
+    base_dim: int = option(192, "tiny base: hidden size (a multiple of base_heads)", at_least(1))
+    base_layers: int = option(4, "tiny base: layers", at_least(1))
+    base_heads: int = option(4, "tiny base: attention heads", at_least(1))
+    base_vocab: int = option(400, "tiny base: BPE vocabulary size", at_least(1))
+    base_steps: int = option(600, "tiny base: supervised warm-start steps", at_least(1))
+    base_batch: int = option(32, "tiny base: warm-start batch size", at_least(1))
+    base_lr: float = option(1e-3, "tiny base: warm-start learning rate", above(0))
+    base_seed: int = option(0, "seed of the base's warm start (tiny base: of its weights too)", at_least(0))
     # the supervised format warm start of a --model, cached with it (the tiny base has its own)
-    warm_start: int = option(60, "--model: warm-start steps on demonstrations before RL (0 = none)")
-    warm_batch: int = option(8, "--model: warm-start batch size")
-    warm_lr: float = option(1e-4, "--model: warm-start learning rate")
+    warm_start: int = option(60, "--model: warm-start steps on demonstrations before RL (0 = none)", at_least(0))
+    warm_batch: int = option(8, "--model: warm-start batch size", at_least(1))
+    warm_lr: float = option(1e-4, "--model: warm-start learning rate", above(0))
     cache_dir: str = option("runs/cache", "where warm-started bases are cached")
+    cached_base: str = option("", "the cached base a run trains on; set by the run and recorded in its config.json, "
+                                  "so that --resume and --export_peft use it even on another device")
     # other commands
     compare: bool = option(False, "train every mode on the same budget and print one table")
-    modes: str = option("joint,joint2r,dart,two_agent,mixlora", "--compare: the modes to train, comma-separated")
-    seeds: int = option(3, "--compare: seeds per mode")
+    modes: str = option("joint,joint2r,dart,two_agent,mixlora", "--compare: the modes to train, comma-separated",
+                        mode_list())
+    seeds: int = option(3, "--compare: seeds per mode", at_least(1))
     bench: bool = option(False, "measure the cost claims on one batch")
     export_peft: str = option("", "write this run directory's adapters as PEFT LoRA adapters (in RUN/peft)")
 
 
-CHOICES = {"mode": MODES, "loss_agg": ("token_mean", "seq_mean", "dr_grpo"), "lr_schedule": ("cosine", "constant"),
-           "device": ("auto", "cpu", "cuda", "mps"),
-           "dtype": ("auto", "float32", "bfloat16"), "train_dtype": ("auto", "float32", "bfloat16")}
+def check_value(name, value, kind, valid, where=""):
+    """One option's value against its type and its range or set; a DartError names all three."""
+    type_ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool)) or (
+        kind is float and isinstance(value, int) and not isinstance(value, bool))
+    if not type_ok:
+        raise DartError(f"{where}--{name} must be a {kind.__name__}, not {value!r}")
+    if valid is not None and not valid[0](value):
+        raise DartError(f"{where}--{name} must be {valid[1]}, not {value!r}")
+
+
+def check_config(cfg, where=""):
+    """Every option in its range, and the combinations that make sense: checked before any model is
+    built or any file written, so that a typo costs a second, not minutes."""
+    for f in dataclasses.fields(cfg):
+        check_value(f.name, getattr(cfg, f.name), f.type, f.metadata.get("valid"), where)
+    if isinstance(cfg, Config):
+        if cfg.base_dim % cfg.base_heads:
+            raise DartError(f"{where}--base_dim={cfg.base_dim} must be a multiple of --base_heads={cfg.base_heads}")
+        commands = [name for name in ("compare", "bench", "export_peft", "resume") if getattr(cfg, name)]
+        if len(commands) > 1:
+            raise DartError(f"{where}--{commands[0]} and --{commands[1]} are separate commands; give one")
+        if cfg.cached_base and not cfg.resume and not os.path.isdir(cfg.cached_base):
+            raise DartError(f"{where}--cached_base={cfg.cached_base} is not a folder")
 
 
 def parse_args(argv, defaults=None, names=None):
-    """--key=value overrides of a config dataclass (Config by default). Anything unknown or
-    mistyped raises DartError naming the valid keys (`names`: the list to show, when another
-    parser takes the other flags of the same command line)."""
+    """--key=value overrides of a config dataclass (Config by default). Anything unknown, mistyped
+    or out of range raises DartError naming the valid keys or values (`names`: the list to show,
+    when another parser takes the other flags of the same command line)."""
     cfg = defaults or Config()
     kinds = {f.name: f.type for f in dataclasses.fields(cfg)}
     for arg in argv:
@@ -1389,22 +1562,24 @@ def parse_args(argv, defaults=None, names=None):
         if not has_value and kind is not bool:
             raise DartError(f"--{key} needs a value, e.g. --{key}={getattr(cfg, key)}")
         try:
-            value = _parse_value(kind, text if has_value else "true")
+            value = parse_value(kind, text if has_value else "true")
         except ValueError:
             raise DartError(f"--{key} expects a {kind.__name__} value like --{key}={getattr(type(cfg)(), key)}, "
                             f"not {text!r}") from None
-        if key in CHOICES and value not in CHOICES[key]:
-            raise DartError(f"--{key} must be one of {', '.join(CHOICES[key])}, not {value!r}")
         setattr(cfg, key, value)
+    check_config(cfg)
     return cfg
 
 
-def _parse_value(kind, text):
+def parse_value(kind, text):
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(text)
         return text.lower() in ("true", "1", "yes")
-    return kind(text)
+    value = kind(text)
+    if kind is float and not math.isfinite(value):
+        raise ValueError(text)
+    return value
 
 
 def help_text(usage, *config_classes):
@@ -1573,17 +1748,26 @@ def compare_table(results):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def bootstrap_interval(values, resamples=2000, rng=None, statistic=np.mean):
+    """95% percentile interval of `statistic` when every axis of `values` is resampled with
+    replacement (questions; or seeds and questions together, for a (seeds, questions) array)."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(0) if rng is None else rng
+    picks = []
+    for axis, n in enumerate(values.shape):
+        shape = [resamples] + [n if a == axis else 1 for a in range(values.ndim)]
+        picks.append(rng.integers(0, n, size=(resamples, n)).reshape(shape))
+    stats = statistic(values[tuple(picks)].reshape(resamples, -1), axis=1)
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
 def paired_difference(a, b, resamples=2000, seed=0):
     """a, b: (seeds, questions) 0/1 results of two modes on the same seeds and test questions.
     The mean of a - b in points, and a 95% interval from a bootstrap that resamples the seeds
     and the questions together: a difference that counts must hold for other training runs and
     for other questions, not only for these."""
     d = (np.asarray(a, dtype=float) - np.asarray(b, dtype=float)) * 100
-    rng = np.random.default_rng(seed)
-    seeds = rng.integers(0, d.shape[0], size=(resamples, d.shape[0]))
-    questions = rng.integers(0, d.shape[1], size=(resamples, d.shape[1]))
-    means = d[seeds[:, :, None], questions[:, None, :]].mean((1, 2))
-    return float(d.mean()), (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+    return float(d.mean()), bootstrap_interval(d, resamples, np.random.default_rng(seed))
 
 
 def difference_line(results, a, b):
@@ -1607,21 +1791,25 @@ def stability_table(results):
     return "\n".join(lines)
 
 
-def compare(cfg):
+def compare_modes(cfg):
     """Train every mode on the same tasks, seeds and budget; print and save one table."""
     modes = cfg.modes.split(",")
-    if unknown := [m for m in modes if m not in MODES]:
-        raise DartError(f"--modes: unknown mode {unknown[0]!r}; modes are {', '.join(MODES)}")
-    out = cfg.out or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-compare")
-    os.makedirs(out, exist_ok=True)
+    out = broadcast_from_first(cfg.out or timestamped_dir("compare"))
+    runs = {(mode, seed): dataclasses.replace(cfg, mode=mode, seed=seed, compare=False,
+                                              out=os.path.join(out, f"{mode}-s{seed}"))
+            for seed in range(cfg.seeds) for mode in modes}
+    if taken := [r.out for r in runs.values() if os.path.exists(os.path.join(r.out, "metrics.jsonl"))]:
+        raise DartError(f"{taken[0]} already holds a run: pass another --out for this comparison")
     device = resolve_device(cfg)
+    with first_process_first():
+        load_base(cfg, device)  # built (or read) before any peak-memory reading: the first mode's would include it
     results = {mode: [] for mode in modes}
-    for seed in range(cfg.seeds):
-        for mode in modes:
-            run = dataclasses.replace(cfg, mode=mode, seed=seed, compare=False, out=os.path.join(out, f"{mode}-s{seed}"))
-            reset_peak_memory(device)
-            train(run, report=False)
-            results[mode].append(run_summary(run.out, peak_memory_mb(device)))
+    for (mode, seed), run in runs.items():
+        reset_peak_memory(device)
+        train(run, report=False)
+        results[mode].append(run_summary(run.out, peak_memory_mb(device)) if process_rank() == 0 else None)
+    if process_rank() > 0:
+        return results
     table = compare_table(results)
     differences = "\n".join(difference_line(results, a, b) for a, b in (("dart", "joint"), ("two_agent", "dart"))
                             if a in results and b in results)
@@ -1630,13 +1818,12 @@ def compare(cfg):
     report = "\n\n".join(part for part in (header, table, differences, stability_table(results)) if part) + "\n"
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(report)
-    with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "results": results}, f, indent=1)
+    write_json(os.path.join(out, "compare.json"), {"config": dataclasses.asdict(cfg), "results": results})
     print(f"\n{report}\ntables: {out}/compare.md, {out}/compare.json")
     return results
 
 
-def bench(cfg, repeats=5):
+def benchmark(cfg, repeats=5):
     """The cost claims, measured side by side in one process: a GRPO update of dart vs joint2r
     vs two_agent on the same batch, and the rollout engine vs model.generate; and how much of
     each is the frozen base itself (the KL reference pass, the engine with the adapters off)."""
@@ -1662,12 +1849,12 @@ def bench(cfg, repeats=5):
         with adapters_off(dart_policy.routing):
             rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
         base_engine_s.append(clock(device) - started)
-        steps = out.written_by_policy.shape[1]
+        new_tokens = out.written_by_policy.shape[1]
         dart_policy.routing.gate = dart_policy.routing.table[REASONING]  # one gate for every token
         started = clock(device)
         with torch.no_grad(), dart_policy.autocast():
-            dart_policy.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=steps,
-                                       min_new_tokens=steps, do_sample=True, top_k=None, top_p=None,
+            dart_policy.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=new_tokens,
+                                       min_new_tokens=new_tokens, do_sample=True, top_k=None, top_p=None,
                                        temperature=cfg.temperature, pad_token_id=dart_policy.special.pad)
         generate_s.append(clock(device) - started)
     advantages = torch.randn(len(prompts), generator=torch.Generator().manual_seed(0)).to(device)
@@ -1683,39 +1870,143 @@ def bench(cfg, repeats=5):
     reference_s = []  # the part of dart's update that is the frozen base alone: the KL reference
     for _ in range(repeats):
         started = clock(device)
-        with dart_policy.training():
+        with dart_policy.update_precision():
             reference_logprobs(dart_policy, batch, micro_batches(batch, cfg.micro_batch), cfg.temperature)
         reference_s.append(clock(device) - started)
-    slots = len(prompts) * steps
+    slots = len(prompts) * new_tokens
     real = out.attention_mask[:, out.prompt_len:].sum().item()
     result = {"update_s": median, "dart_over_joint2r": median["dart"] / median["joint2r"],
               "two_agent_over_dart": median["two_agent"] / median["dart"],
               "reference_s": float(np.median(reference_s)),
               "base_engine_tok_s": slots / np.median(base_engine_s),
               "engine_tok_s": slots / np.median(engine_s), "engine_real_tok_s": real / np.median(engine_s),
-              "generate_tok_s": slots / np.median(generate_s), "rows": len(prompts), "new_tokens": steps}
+              "generate_tok_s": slots / np.median(generate_s), "rows": len(prompts), "new_tokens": new_tokens}
     result["engine_over_generate"] = result["engine_tok_s"] / result["generate_tok_s"]
     print(f"\nGRPO update on one batch of {len(prompts)} rollouts (median of {repeats}), device {device}:")
     for mode, seconds in median.items():
         print(f"  {mode:<10} {seconds:.3f} s")
     print(f"  dart / joint2r = {result['dart_over_joint2r']:.3f}   two_agent / dart = {result['two_agent_over_dart']:.2f}")
     print(f"  of dart's update, the KL reference (the frozen base alone, no gradient): {result['reference_s']:.3f} s")
-    print(f"sampling {len(prompts)} rows x {steps} new tokens: engine with tools {result['engine_tok_s']:.0f} tok/s "
-          f"({result['engine_real_tok_s']:.0f} tok/s counting only tokens before each row's end), model.generate without tools "
-          f"{result['generate_tok_s']:.0f} tok/s: ratio {result['engine_over_generate']:.2f}")
+    print(f"sampling {len(prompts)} rows x {new_tokens} new tokens: engine with tools {result['engine_tok_s']:.0f} "
+          f"tok/s ({result['engine_real_tok_s']:.0f} tok/s counting only tokens before each row's end), "
+          f"model.generate without tools {result['generate_tok_s']:.0f} tok/s: ratio {result['engine_over_generate']:.2f}")
     print(f"  the engine with the adapters off (the frozen base alone): {result['base_engine_tok_s']:.0f} tok/s")
     return result
 
 
+# -----------------------------------------------------------------------------
+# 9. Several processes (torchrun)
+#
+# Data parallel, as in nanoGPT's train.py: each process holds the whole model and a share of
+# the batch, in whole GRPO groups (so the advantages need no communication). The loss is
+# normalized by the totals of the whole batch and the gradients are summed over processes:
+# N processes take exactly the step that one process takes on the whole batch. In one
+# process every helper below does nothing.
+
+
+def process_rank():
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def process_count():
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def check_process_count(cfg):
+    if cfg.questions_per_step % process_count():
+        raise DartError(f"--questions_per_step={cfg.questions_per_step} must be a multiple of the number of "
+                        f"processes ({process_count()}): each process rolls out whole groups")
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over the processes, in place."""
+    if process_count() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def sum_gradients(params):
+    """Sum every process's gradients with one all-reduce over a flat buffer (a share that carried
+    no loss contributes zeros: every process takes part in every collective, so none can hang)."""
+    if process_count() == 1:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    torch.distributed.all_reduce(flat)
+    for p, grad in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = grad.view_as(p).clone()
+
+
+def gather_lists(local):
+    """Each process's list, concatenated in rank order (one process: the list itself)."""
+    if process_count() == 1:
+        return local
+    parts = [None] * process_count()
+    torch.distributed.all_gather_object(parts, local)
+    return [item for part in parts for item in part]
+
+
+def broadcast_from_first(value):
+    """Rank 0's value, on every process."""
+    if process_count() > 1:
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+@contextlib.contextmanager
+def first_process_first():
+    """Rank 0 runs the body before the others: it builds and caches the base, they read the cache."""
+    if process_rank() > 0:
+        torch.distributed.barrier()
+    yield
+    if process_rank() == 0 and process_count() > 1:
+        torch.distributed.barrier()
+
+
+def check_same_adapters(model, step):
+    """Under torchrun every process must hold the same adapters after every step: one checksum per
+    process, compared (a small gather per step, against a silent divergence)."""
+    if process_count() == 1:
+        return
+    checksums = gather_lists([sum(p.detach().double().sum().item() for p in trainable(model))])
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"the processes' adapters differ after step {step}: checksums {checksums}")
+
+
 def init_distributed(cfg):
     """Under torchrun (it sets WORLD_SIZE, RANK and LOCAL_RANK), join the process group: nccl with
-    one GPU per process on CUDA, gloo on CPU. Without torchrun: nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or rank_and_size()[1] > 1:
+    one GPU per process on CUDA, gloo on CPU. Without torchrun: nothing. The timeout is long because
+    the other processes wait in a barrier while rank 0 warm-starts a base, which can take longer
+    than the default 10 minutes."""
+    import datetime
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or process_count() > 1:
         return
     cuda = resolve_device(cfg).startswith("cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+
+
+# fields a --resume may change: the rest define the run and its adapters
+RESUME_MAY_CHANGE = {"steps", "eval_every", "eval_per_family", "save_every", "device", "dtype", "train_dtype",
+                     "micro_batch", "cache_dir", "out", "resume"}
+
+
+def resumed_config(argv, run_dir):
+    """The config of the run in run_dir, with the command line's overrides of what may change."""
+    saved = saved_config(run_dir)
+    cfg = parse_args(argv, defaults=dataclasses.replace(saved))
+    if changed := [f.name for f in dataclasses.fields(cfg) if f.name not in RESUME_MAY_CHANGE
+                   and getattr(cfg, f.name) != getattr(saved, f.name)]:
+        raise DartError(f"--resume continues {run_dir} with its own settings, and --{changed[0]} would change "
+                        f"them ({getattr(saved, changed[0])!r} -> {getattr(cfg, changed[0])!r}); only "
+                        f"{', '.join('--' + k for k in sorted(RESUME_MAY_CHANGE - {'out', 'resume'}))} may "
+                        f"change. Start a new run for other settings.")
+    cfg.out = run_dir
+    return cfg
 
 
 def run_command(argv):
@@ -1724,31 +2015,34 @@ def run_command(argv):
         return
     cfg = parse_args(argv)
     if cfg.resume:
-        cfg = parse_args(argv, defaults=saved_config(cfg.resume))
-        cfg.out = cfg.resume
+        cfg = resumed_config(argv, cfg.resume)
     init_distributed(cfg)
-    if cfg.bench and rank_and_size()[1] > 1:
+    if cfg.bench and process_count() > 1:
         raise DartError("--bench measures one process; run it without torchrun")
     if cfg.export_peft:
-        for path in export_peft(cfg.export_peft):
+        for path in write_peft_adapters(cfg.export_peft):
             print(f"wrote {path}")
     elif cfg.compare:
-        compare(cfg)
+        compare_modes(cfg)
     elif cfg.bench:
-        bench(cfg)
+        benchmark(cfg)
     else:
         train(cfg)
 
 
-def main(argv):
-    """The command line: library errors (DartError) become one line, no traceback."""
+def cli(run, argv):
+    """A command line: library errors (DartError) become one line, no traceback."""
     try:
-        run_command(argv)
+        run(argv)
     except DartError as e:
         sys.exit(f"error: {e}")
     finally:
-        if rank_and_size()[1] > 1:
+        if process_count() > 1:
             torch.distributed.destroy_process_group()
+
+
+def main(argv):
+    cli(run_command, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ the same tiny world as dart.py:
 Options are this file's LeasConfig and any of dart.py's Config (training knobs).
 """
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -35,18 +34,19 @@ from tqdm import tqdm
 import dart
 import toy_tasks
 import tools
-from dart import DartError, option
+from dart import DartError, at_least, option
 
 
 @dataclass
 class LeasConfig:
     runs: str = option("runs/leas", "where the variants are trained, or reused if already there")
-    seeds: int = option(3, "K seeds per trained variant, stacked in one fit and fitted one by one")
-    samples: int = option(16, "N answers per test question per variant")
-    per_family: int = option(25, "test questions per task family (sampled at --temperature)")
-    bootstrap: int = option(2000, "resamples of questions for the 95% intervals")
-    grad_questions: int = option(8, "gradient analysis: questions ...")
-    grad_rollouts: int = option(8, "... and rollouts of each")
+    seeds: int = option(3, "K seeds per trained variant, stacked in one fit and fitted one by one", at_least(1))
+    samples: int = option(16, "N answers per test question per variant", at_least(1))
+    per_family: int = option(25, "test questions per task family (sampled at --temperature)", at_least(1))
+    bootstrap: int = option(2000, "resamples of questions for the 95% intervals", at_least(100))
+    grad_questions: int = option(8, "gradient analysis: questions (at most the test questions that need a tool) ...",
+                                 at_least(1))
+    grad_rollouts: int = option(8, "... and rollouts of each", at_least(1))
 
 
 # -----------------------------------------------------------------------------
@@ -113,12 +113,6 @@ def conclusion(mean_lambda23, interval):
     return f"no conclusion at this budget: the interval includes 0 ({where})"
 
 
-def bootstrap_interval(values, resamples, rng, statistic=np.mean):
-    idx = rng.integers(0, len(values), size=(resamples, len(values)))
-    stats = statistic(values[idx], axis=1)
-    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
-
-
 # -----------------------------------------------------------------------------
 # Variants: three trained adapters, six ways to place them in the DART layer's blocks
 
@@ -137,18 +131,26 @@ TRAINED = ("reason_only", "tool_only", "joint")
 TRAINING = {"steps": 40, "eval_every": 40}
 
 
-def finished(run):
-    """A run in run.out with the same settings that reached its last step."""
+def train_or_reuse(run):
+    """Train a variant into run.out; reuse it when the folder holds it finished, and resume it when it
+    stopped early. A folder holding a run with other settings is refused, not overwritten."""
     from safetensors import safe_open
-    path = os.path.join(run.out, "adapters.safetensors")
-    if not os.path.exists(path):
-        return False
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    saved = json.loads(meta["config"])
-    same = {k: v for k, v in saved.items() if k not in ("out", "resume")} == \
-           {k: v for k, v in dataclasses.asdict(run).items() if k not in ("out", "resume")}
-    return same and int(meta["step"]) == run.steps
+    if os.path.exists(os.path.join(run.out, "metrics.jsonl")):
+        saved = dart.saved_config(run.out)
+        own = ("out", "resume", "cached_base")  # where and on which cached base: not what was trained
+        if changed := [f.name for f in dataclasses.fields(run) if f.name not in own
+                       and getattr(saved, f.name) != getattr(run, f.name)]:
+            raise DartError(f"{run.out} holds a run with --{changed[0]}={getattr(saved, changed[0])!r}, not "
+                            f"{getattr(run, changed[0])!r}: pass another --runs, or the settings it was made with")
+        adapters = os.path.join(run.out, "adapters.safetensors")
+        if os.path.exists(adapters):
+            with safe_open(adapters, "pt") as f:
+                if int(f.metadata()["step"]) == run.steps:
+                    if dart.process_rank() == 0:
+                        print(f"reusing {run.out}")
+                    return
+        run = dataclasses.replace(run, resume=run.out)
+    dart.train(run, report=False)
 
 
 def train_variants(cfg, lcfg, modes=TRAINED):
@@ -158,21 +160,17 @@ def train_variants(cfg, lcfg, modes=TRAINED):
     for seed in range(lcfg.seeds):
         for mode in modes:
             run = dataclasses.replace(cfg, mode=mode, seed=seed, out=os.path.join(lcfg.runs, f"{mode}-s{seed}"))
-            if finished(run):
-                if dart.rank_and_size()[0] == 0:
-                    print(f"reusing {run.out}")
-            else:
-                dart.train(run, report=False)
+            train_or_reuse(run)
             states[mode, seed] = load_file(os.path.join(run.out, "adapters.safetensors"))
     return states
 
 
-def place(policy, states, variant, seed):
+def place_variant(policy, states, variant, seed):
     """Load a variant into a dart-mode policy: each block gets a trained adapter or zeros."""
     any_state = next(iter(states.values()))
     for block, mode in enumerate(BLOCKS[variant]):
         state = states[mode, seed] if mode else {k: torch.zeros_like(v) for k, v in any_state.items()}
-        dart.load_adapter_block(policy.model, state, block, policy.routing.rank)
+        dart.load_adapter_block(policy.model, state, block, policy.routing.lora_rank)
 
 
 # -----------------------------------------------------------------------------
@@ -190,7 +188,7 @@ def success_counts(policy, registry, tasks, cfg, lcfg, seed, batch_rows=256):
     return np.array(rewards).reshape(len(tasks), lcfg.samples).sum(1)
 
 
-def attribute(counts, tasks, lcfg):
+def attribution(counts, tasks, lcfg):
     """counts: {(variant, seed): k per task} -> the report dictionary."""
     rows = [(v, s) for s in range(lcfg.seeds) for v in VARIANTS]
     K = np.stack([counts[r] for r in rows])                     # (rows, questions)
@@ -204,9 +202,9 @@ def attribute(counts, tasks, lcfg):
     families = np.array([t.family for t in tasks])[kept]
     summary = {}
     for name, values in zip(EFFECTS, lambdas):
-        summary[name] = {"mean": float(values.mean()), "ci95": bootstrap_interval(values, lcfg.bootstrap, rng),
+        summary[name] = {"mean": float(values.mean()), "ci95": dart.bootstrap_interval(values, lcfg.bootstrap, rng),
                          "median": float(np.median(values)),
-                         "median_ci95": bootstrap_interval(values, lcfg.bootstrap, rng, np.median)}
+                         "median_ci95": dart.bootstrap_interval(values, lcfg.bootstrap, rng, np.median)}
     l23 = lambdas[EFFECTS.index("lambda23")]
     shares = {}
     for family in ("all",) + toy_tasks.FAMILIES:
@@ -226,7 +224,7 @@ def attribute(counts, tasks, lcfg):
         "between_seeds": between,
         "conclusion": conclusion(*between["lambda23_mean"]),
         "effects": summary,
-        "interference_share_ci95": bootstrap_interval((l23 < -1e-9).astype(float), lcfg.bootstrap, rng),
+        "interference_share_ci95": dart.bootstrap_interval((l23 < -1e-9).astype(float), lcfg.bootstrap, rng),
         "lambda23_shares": shares,  # (share < 0, share > 0, questions) per family
         "success_rate": {v: float(np.mean([counts[v, s].mean() / lcfg.samples for s in range(lcfg.seeds)]))
                          for v in VARIANTS},
@@ -315,8 +313,8 @@ def gradient_directions(policy, registry, cfg, lcfg, world):
     per_reason, per_tool = [], []
     for row in tqdm(both, desc="per-role gradients", leave=False):
         g_reason, g_tool = role_gradients(policy, batch, row, mask, roles, params, cfg.temperature)
-        per_reason.append(g_reason)
-        per_tool.append(g_tool)
+        per_reason.append([g.cpu() for g in g_reason])  # kept in host memory: one per trajectory adds up
+        per_tool.append([g.cpu() for g in g_tool])
     result = {"trajectories": len(both)}
     if len(both) < 2:
         return result
@@ -376,7 +374,7 @@ def gradient_table(results):
 # Putting it together
 
 
-def parse(argv):
+def parse_command_line(argv):
     """Split the flags between LeasConfig and dart.Config; 'grad' selects the gradient part."""
     mine = [f.name for f in dataclasses.fields(LeasConfig)]
     names = mine + [f.name for f in dataclasses.fields(dart.Config)]
@@ -389,55 +387,57 @@ def parse(argv):
     cfg = dart.parse_args([a for a in flags if a not in ours], dart.Config(**TRAINING), names)
     if cfg.mode != "dart":
         raise DartError("leas.py chooses the modes itself; drop --mode")
+    if cfg.compare or cfg.bench or cfg.export_peft or cfg.resume:
+        raise DartError("leas.py trains and reuses its own runs: drop --compare, --bench, --export_peft and --resume")
+    tool_questions = 3 * lcfg.per_family  # every family but notool needs a tool
+    if lcfg.grad_questions > tool_questions:
+        raise DartError(f"--grad_questions must be at most the {tool_questions} test questions that need a tool "
+                        f"(3 x --per_family), not {lcfg.grad_questions}")
     return cfg, lcfg, bool(command)
 
 
-def run(cfg, lcfg, grad_only=False):
-    os.makedirs(lcfg.runs, exist_ok=True)
+def run_leas(cfg, lcfg, grad_only=False):
     world = toy_tasks.make_world()
     registry = tools.registry(world.kb)
     states = train_variants(cfg, lcfg, ("joint",) if grad_only else TRAINED)
-    if dart.rank_and_size()[0] > 0:
+    if dart.process_rank() > 0:
         return {}  # under torchrun the variants train data-parallel; sampling and fitting run in rank 0
-    policy = dart.load_policy(dataclasses.replace(cfg, mode="dart"))
     report = {}
     if not grad_only:
+        policy = dart.load_policy(dataclasses.replace(cfg, mode="dart"))
         tasks = toy_tasks.test_set(world, lcfg.per_family)
         counts = {}
         for seed in range(lcfg.seeds):
             for variant in tqdm(VARIANTS, desc=f"sampling {lcfg.samples} answers per question (seed {seed})"):
-                place(policy, states, variant, seed)
+                place_variant(policy, states, variant, seed)
                 counts[variant, seed] = success_counts(policy, registry, tasks, cfg, lcfg, 1000 * seed + 7)
-        report = attribute(counts, tasks, lcfg)
+        del policy  # before the joint model loads: one model in memory at a time
+        report = attribution(counts, tasks, lcfg)
         print("\n" + attribution_table(report, lcfg))
     joint = dart.load_policy(dataclasses.replace(cfg, mode="joint"))
     report["gradients"] = []
     for seed in range(lcfg.seeds):
-        dart.load_adapter_block(joint.model, states["joint", seed], 0, joint.routing.rank)
+        dart.load_adapter_block(joint.model, states["joint", seed], 0, joint.routing.lora_rank)
         report["gradients"].append(gradient_directions(joint, registry, cfg, lcfg, world))
     print("\n" + gradient_table(report["gradients"]))
     report["config"] = {"leas": dataclasses.asdict(lcfg), "train": dataclasses.asdict(cfg)}
     path = os.path.join(lcfg.runs, "leas_grad.json" if grad_only else "leas.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    dart.write_json(path, report)
     print(f"\nreport: {path}")
     return report
 
 
-def main(argv):
-    """The command line: library errors (DartError) become one line, no traceback."""
+def command_line(argv):
     if {"-h", "--help"} & set(argv):
         print(dart.help_text(__doc__, LeasConfig, dart.Config))
         return
-    try:
-        cfg, lcfg, grad_only = parse(argv)
-        dart.init_distributed(cfg)
-        run(cfg, lcfg, grad_only)
-    except DartError as e:
-        sys.exit(f"error: {e}")
-    finally:
-        if dart.rank_and_size()[1] > 1:
-            torch.distributed.destroy_process_group()
+    cfg, lcfg, grad_only = parse_command_line(argv)
+    dart.init_distributed(cfg)
+    run_leas(cfg, lcfg, grad_only)
+
+
+def main(argv):
+    dart.cli(command_line, argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The tests build their own small warm-started base once per session (in a tempora
 cache) and never touch a model hub.
 """
 import dataclasses
+import io
 import json
 import math
 import os
@@ -37,9 +38,10 @@ def cfg_factory(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
 
     def make(**overrides):
-        # the default model with a shorter warm start (half the batch): about a minute to build
+        # the default model with a shorter warm start (half the batch): about a minute to build. On
+        # the CPU even where a GPU is visible: the GPU tests below ask for it
         cfg = dart.Config(cache_dir=cache, base_batch=16, eval_per_family=4, eval_every=1000, save_every=1000,
-                          questions_per_step=4, group_size=4, max_new_tokens=64)
+                          questions_per_step=4, group_size=4, max_new_tokens=64, device="cpu")
         for key, value in overrides.items():
             setattr(cfg, key, value)
         return cfg
@@ -49,7 +51,7 @@ def cfg_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def make_policy(cfg_factory):
     def make(mode="dart", randomize=0.0, **overrides):
-        cfg = cfg_factory(mode=mode, device="cpu", **overrides)
+        cfg = cfg_factory(**{"mode": mode, "device": "cpu", **overrides})  # CPU unless a test asks for cuda
         policy = dart.load_policy(cfg)
         if randomize:  # nonzero adapters: with B = 0 many invariants would hold trivially
             generator = torch.Generator().manual_seed(0)
@@ -184,8 +186,7 @@ def test_reward_exact_match_after_canonical_formatting(completion, reward):
 # ---------------------------------------------------------------------------
 # token roles
 
-HAND = dart.Special(opens={10: "calc", 12: "lookup"}, closes={11: "calc", 13: "lookup"},
-                    obs=14, obs_end=15, answer_end=17, eos=2, pad=0)
+HAND = dart.SpanTags(opens=torch.tensor([10, 12]), ends=torch.tensor([11, 13, 14]))  # <calc> <lookup>; </calc> </lookup> <obs>
 R, T = dart.REASONING, dart.TOOL
 
 
@@ -268,12 +269,12 @@ def batch_of(policy, n=3, seed=0):
     width = max(map(len, rows))
     ids = torch.tensor([[policy.special.pad] * (width - len(r)) + r for r in rows])
     attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, attention, dart.positions(attention), dart.token_roles(ids, policy.special)
+    return ids, attention, dart.position_ids(attention), dart.token_roles(ids, policy.special.spans)
 
 
 def block_view(policy, block):
     """The adapter tensors of one block, as a single-block (rank r) state."""
-    rows = slice(block * policy.routing.rank, (block + 1) * policy.routing.rank)
+    rows = slice(block * policy.routing.lora_rank, (block + 1) * policy.routing.lora_rank)
     return {name: (p[rows] if name.endswith("lora_A") else p[:, rows]).detach().clone()
             for name, p in policy.model.named_parameters() if p.requires_grad}
 
@@ -307,7 +308,7 @@ def test_dart_with_one_role_is_a_single_lora(make_policy):
     single, _ = make_policy("joint")
     ids, attention, position, _ = batch_of(dual)
     for role in (dart.REASONING, dart.TOOL):
-        dart.load_adapter_block(single.model, block_view(dual, role), 0, single.routing.rank)
+        dart.load_adapter_block(single.model, block_view(dual, role), 0, single.routing.lora_rank)
         roles = torch.full_like(ids, role)
         with torch.no_grad():
             a = routed(dual, ids, attention, position, roles)
@@ -317,8 +318,8 @@ def test_dart_with_one_role_is_a_single_lora(make_policy):
 
 def test_joint2r_is_one_rank_2r_lora():
     torch.manual_seed(0)
-    routing = dart.Routing("joint2r", rank=4, alpha=8.0, device="cpu")
-    layer = dart.DartLinear(torch.nn.Linear(16, 8), routing, 0.0, router=False, generator=torch.Generator())
+    routing = dart.Routing("joint2r", lora_rank=4, alpha=8.0, device="cpu")
+    layer = dart.DartLinear(torch.nn.Linear(16, 8), routing, 0.0, with_router=False, generator=torch.Generator())
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(2, 5, 16)
     routing.route(torch.randint(0, 2, (2, 5)))
@@ -329,8 +330,8 @@ def test_joint2r_is_one_rank_2r_lora():
 @pytest.mark.parametrize("role", [dart.REASONING, dart.TOOL])
 def test_inactive_block_gets_exactly_zero_gradient_at_other_roles_positions(role):
     torch.manual_seed(0)
-    routing = dart.Routing("dart", rank=4, alpha=8.0, device="cpu")
-    layer = dart.DartLinear(torch.nn.Linear(16, 8), routing, 0.0, router=False, generator=torch.Generator())
+    routing = dart.Routing("dart", lora_rank=4, alpha=8.0, device="cpu")
+    layer = dart.DartLinear(torch.nn.Linear(16, 8), routing, 0.0, with_router=False, generator=torch.Generator())
     torch.nn.init.normal_(layer.lora_B)
     roles = torch.tensor([[0, 0, 1, 1, 0, 1], [1, 1, 1, 0, 0, 0]])
     routing.route(roles)
@@ -344,9 +345,9 @@ def test_inactive_block_gets_exactly_zero_gradient_at_other_roles_positions(role
 def block_grad(policy, ids, attention, loss_positions, block=dart.TOOL):
     """Sum of |grad| over one adapter block's tensors, for a loss on the logits at loss_positions."""
     policy.model.zero_grad(set_to_none=True)
-    logits = routed(policy, ids, attention, dart.positions(attention), dart.token_roles(ids, policy.special))
+    logits = routed(policy, ids, attention, dart.position_ids(attention), dart.token_roles(ids, policy.special.spans))
     logits[loss_positions].logsumexp(-1).sum().backward()
-    units = slice(block * policy.routing.rank, (block + 1) * policy.routing.rank)
+    units = slice(block * policy.routing.lora_rank, (block + 1) * policy.routing.lora_rank)
     total = 0.0
     for name, p in policy.model.named_parameters():
         if name.endswith("lora_A"):
@@ -481,7 +482,7 @@ def test_engine_runs_tools_and_forces_observations(scripted):
     assert not out.written_by_policy[~real].any()  # padding after the end is not the policy's
     # the roles the engine routed with are the role rule applied to its own output
     assert torch.equal(out.roles[out.attention_mask.bool()],
-                       dart.token_roles(out.ids, policy.special)[out.attention_mask.bool()])
+                       dart.token_roles(out.ids, policy.special.spans)[out.attention_mask.bool()])
 
 
 def test_engine_eos_carries_loss(scripted):
@@ -534,13 +535,13 @@ def test_rollout_logprobs_equal_training_logprobs(make_policy, mode):
     assert len(set(lengths.tolist())) > 1  # rows finished at different steps and left the batch
     with torch.no_grad():
         logp, _ = dart.response_logprobs(policy, out.ids, out.attention_mask, out.prompt_len, 1.0)
-        logits = routed(policy, out.ids, out.attention_mask, dart.positions(out.attention_mask),
-                        dart.token_roles(out.ids, policy.special))[:, out.prompt_len - 1:-1]
+        logits = routed(policy, out.ids, out.attention_mask, dart.position_ids(out.attention_mask),
+                        dart.token_roles(out.ids, policy.special.spans))[:, out.prompt_len - 1:-1]
     plain = torch.log_softmax(logits, -1).gather(-1, out.ids[:, out.prompt_len:, None]).squeeze(-1)
     assert torch.allclose(logp[out.written_by_policy], out.logprobs[out.written_by_policy], atol=1e-4)
     assert torch.allclose(logp[out.written_by_policy], plain[out.written_by_policy], atol=1e-4)
     assert torch.equal(out.roles[out.attention_mask.bool()],
-                       dart.token_roles(out.ids, policy.special)[out.attention_mask.bool()])
+                       dart.token_roles(out.ids, policy.special.spans)[out.attention_mask.bool()])
 
 
 def test_reference_logprobs_are_the_base_models_per_micro_batch(make_policy):
@@ -552,11 +553,11 @@ def test_reference_logprobs_are_the_base_models_per_micro_batch(make_policy):
     out = dart.rollout(policy, REGISTRY, [p for p in prompts for _ in range(3)], cfg, 1.0,
                        torch.Generator().manual_seed(1))
     chunks = dart.micro_batches(out, 4)
-    assert len({length for _, length in chunks}) > 1  # chunks of different lengths
+    assert len({chunk.length for chunk in chunks}) > 1  # chunks of different lengths
     ref = dart.reference_logprobs(policy, out, chunks, 1.0)
     with torch.no_grad():
         logits = base(input_ids=out.ids, attention_mask=out.attention_mask,
-                      position_ids=dart.positions(out.attention_mask)).logits[:, out.prompt_len - 1:-1]
+                      position_ids=dart.position_ids(out.attention_mask)).logits[:, out.prompt_len - 1:-1]
     bare = torch.log_softmax(logits, -1).gather(-1, out.ids[:, out.prompt_len:, None]).squeeze(-1)
     on = out.written_by_policy
     assert torch.allclose(ref[on], bare[on], atol=1e-4)
@@ -586,17 +587,21 @@ def test_rollout_respects_its_limits(make_policy):
 # end to end
 
 
-def test_short_run_learns(cfg_factory, tmp_path):
-    """Ten GRPO steps raise greedy accuracy on (held-out samples of) the train split."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_short_run_learns(cfg_factory, tmp_path, device):
+    """Ten GRPO steps raise greedy accuracy on (held-out samples of) the train split (on a GPU, in
+    bfloat16 where it computes it natively)."""
+    from safetensors.torch import load_file
     # ten steps: the constant, higher rate that learns fastest (the default schedule is for 80 steps)
     cfg = cfg_factory(steps=10, questions_per_step=8, group_size=8, lr=2e-3, lr_schedule="constant", warmup_steps=0,
-                      out=str(tmp_path / "run"))
+                      out=str(tmp_path / "run"), device=device)
     run_dir = dart.train(cfg, report=False)
     policy = dart.load_policy(cfg)
     rng = random.Random(7)
     probe = [toy_tasks.sample_task(rng, WORLD, "train") for _ in range(96)]
     before = dart.evaluate(policy, REGISTRY, probe, cfg)
-    dart.load_adapters(os.path.join(run_dir, "adapters.safetensors"), policy)
+    dart.load_trainable(policy.model, load_file(os.path.join(run_dir, "adapters.safetensors")))
     after = dart.evaluate(policy, REGISTRY, probe, cfg)
     assert after["acc"] >= before["acc"] + 0.1, (before, after)
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -656,16 +661,16 @@ def test_smoothed_logit_is_finite_and_symmetric():
 def test_hybrids_place_adapters_in_role_blocks(make_policy):
     policy, cfg = make_policy("dart")
     base, _ = dart.load_base(cfg)
-    shapes = {n: p[: cfg.rank].shape if n.endswith("lora_A") else p[:, : cfg.rank].shape
+    shapes = {n: p[: cfg.lora_rank].shape if n.endswith("lora_A") else p[:, : cfg.lora_rank].shape
               for n, p in policy.model.named_parameters() if p.requires_grad}
     torch.manual_seed(1)
     states = {(m, 0): {n: torch.randn(s) * 0.05 for n, s in shapes.items()} for m in leas.TRAINED}
     ids, attention, position, roles = batch_of(policy, n=2)
     with torch.no_grad():
         bare = base(input_ids=ids, attention_mask=attention, position_ids=position).logits
-        leas.place(policy, states, "Base", 0)
+        leas.place_variant(policy, states, "Base", 0)
         assert torch.equal(routed(policy, ids, attention, position, roles), bare)
-        leas.place(policy, states, "H_Tool", 0)
+        leas.place_variant(policy, states, "H_Tool", 0)
         hybrid = routed(policy, ids, attention, position, roles)
     # before the first tool position nothing the tool adapter wrote is visible: the base speaks
     untouched = (roles.cumsum(-1) == 0) & attention.bool()
@@ -693,14 +698,14 @@ def test_leas_end_to_end_writes_its_report(cfg_factory, tmp_path, capsys):
     cfg = cfg_factory(steps=2, questions_per_step=2, group_size=4)
     lcfg = leas.LeasConfig(runs=str(tmp_path / "leas"), seeds=2, samples=2, per_family=2, grad_questions=4,
                            grad_rollouts=4, bootstrap=50)
-    report = leas.run(cfg, lcfg)
+    report = leas.run_leas(cfg, lcfg)
     saved = json.load(open(tmp_path / "leas" / "leas.json"))
     assert set(saved["effects"]) == set(leas.EFFECTS) and saved["kept"] + len(saved["dropped"]) == 8
     assert len(saved["per_seed"]) == 2 and saved["conclusion"] == report["conclusion"]
     assert [g["trajectories"] >= 2 for g in saved["gradients"]] == [True, True] and report["kept"] == saved["kept"]
     printed = capsys.readouterr().out
     assert "lambda23" in printed and "reasoning vs tool" in printed and "conclusion: " in printed
-    leas.run(cfg, lcfg)  # a second run reuses the six trained variants (three modes, two seeds)
+    leas.run_leas(cfg, lcfg)  # a second run reuses the six trained variants (three modes, two seeds)
     assert printed.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 6
 
 
@@ -770,7 +775,7 @@ def random_policy(cfg):
     tok = dart.build_tokenizer(cfg, WORLD)
     torch.manual_seed(0)
     model = dart.new_tiny_model(dataclasses.replace(cfg, base_dim=32, base_layers=1, base_heads=2), tok).eval()
-    routing = dart.attach_dart(model, cfg.rank, cfg.alpha, cfg.targets.split(","), cfg.mode)
+    routing = dart.attach_dart(model, cfg.lora_rank, cfg.alpha, cfg.targets.split(","), cfg.mode)
     return dart.Policy(model, tok, dart.special_ids(tok), routing, "cpu")
 
 
@@ -890,6 +895,100 @@ def test_bad_user_input_stops_with_one_clear_sentence(cfg_factory, tmp_path):
     assert "--samples" in bad_leas_flag and "--steps" in bad_leas_flag
 
 
+# one value out of range for every numeric option: refused as the command line is read
+BAD_VALUES = {
+    "steps": 0, "seed": -1, "lora_rank": 0, "alpha": 0, "lora_dropout": 1.0, "questions_per_step": 0,
+    "group_size": 1, "lr": 0, "warmup_steps": -1, "temperature": 0, "clip_eps": 1.5, "kl_beta": -0.1,
+    "updates_per_batch": 0, "micro_batch": 0, "max_grad_norm": 0, "format_bonus": 1.0, "max_new_tokens": 0,
+    "max_tool_calls": -1, "max_arg_tokens": 0, "max_obs_tokens": 0, "eval_every": 0, "eval_per_family": 0,
+    "save_every": 0, "base_dim": 0, "base_layers": 0, "base_heads": 0, "base_vocab": 0, "base_steps": 0,
+    "base_batch": 0, "base_lr": -1e-3, "base_seed": -2, "warm_start": -1, "warm_batch": 0, "warm_lr": 0,
+    "seeds": 0, "samples": 0, "per_family": 0, "bootstrap": 10, "grad_questions": 0, "grad_rollouts": 0,
+}
+
+
+def numeric_options(config_class):
+    return {f.name for f in dataclasses.fields(config_class) if f.type in (int, float)}
+
+
+def nothing_may_be_built(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded for a command line that should have been refused")
+    monkeypatch.setattr(dart, "load_base", refuse)
+
+
+@pytest.mark.parametrize("option", sorted(BAD_VALUES))
+def test_every_numeric_option_is_checked_at_the_door(option, tmp_path, monkeypatch):
+    """An out-of-range value stops the command at once, naming the option, the value and what is
+    allowed, before any model is built or any file written."""
+    assert set(BAD_VALUES) == numeric_options(dart.Config) | numeric_options(leas.LeasConfig)
+    monkeypatch.chdir(tmp_path)
+    nothing_may_be_built(monkeypatch)
+    main = leas.main if option in numeric_options(leas.LeasConfig) else dart.main
+    message = one_line_exit(main, [f"--{option}={BAD_VALUES[option]}"])
+    assert f"--{option}" in message and str(BAD_VALUES[option]) in message
+    assert re.search(r"must be (at least|above|in \[)", message), message
+    assert os.listdir(tmp_path) == []
+
+
+def test_combinations_and_the_rest_are_checked_at_the_door(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    nothing_may_be_built(monkeypatch)
+    assert "multiple of --base_heads" in one_line_exit(dart.main, ["--base_dim=190"])
+    assert "separate commands" in one_line_exit(dart.main, ["--compare", "--bench"])
+    assert "comma-separated list" in one_line_exit(dart.main, ["--compare", "--modes=dart,jointt"])
+    assert "float" in one_line_exit(dart.main, ["--lr=nan"])
+    assert "--grad_questions" in one_line_exit(leas.main, ["--per_family=2", "--grad_questions=7"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_factory, tmp_path, monkeypatch):
+    """Empty and corrupt run directories for --resume and --export_peft, a checkpoint of another mode,
+    an --out that holds a run: one line each, and the files of the run stay as they were."""
+    run = dart.train(cfg_factory(out=str(tmp_path / "run"), steps=1, questions_per_step=1), report=False)
+    files = {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run)}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for command in ("--resume", "--export_peft"):
+        assert "not a run directory" in one_line_exit(dart.main, [f"{command}={empty}"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for content in ("{not json", '{"steps": 3, "no_such_option": 1}', '{"steps": "three"}', '{"steps": 0}'):
+        (broken / "config.json").write_text(content)
+        for command in ("--resume", "--export_peft"):
+            assert "config.json" in one_line_exit(dart.main, [f"{command}={broken}"])
+    assert "already holds a run" in one_line_exit(dart.main, [f"--out={run}", f"--cache_dir={tmp_path}"])
+    assert "--mode would change" in one_line_exit(dart.main, [f"--resume={run}", "--mode=joint"])
+    checkpoint = os.path.join(run, "checkpoint.pt")
+    for damage in (files["checkpoint.pt"][:1000], b""):  # truncated, empty
+        open(checkpoint, "wb").write(damage)
+        assert "checkpoint.pt" in one_line_exit(dart.main, [f"--resume={run}"])
+    other = torch.load(io.BytesIO(files["checkpoint.pt"]), weights_only=True)
+    other["identity"]["mode"] = "joint"  # as if the file came from a joint run
+    torch.save(other, checkpoint)
+    assert "another run" in one_line_exit(dart.main, [f"--resume={run}"])
+    other.pop("identity")  # a file without the identity: the shapes still tell
+    other["adapters"] = {k: v[..., :1] for k, v in other["adapters"].items()}
+    torch.save(other, checkpoint)
+    assert "shape" in one_line_exit(dart.main, [f"--resume={run}"])
+    open(checkpoint, "wb").write(files["checkpoint.pt"])
+    open(os.path.join(run, "adapters.safetensors"), "wb").write(b"garbage")
+    assert "adapters.safetensors" in one_line_exit(dart.main, [f"--export_peft={run}"])
+    open(os.path.join(run, "adapters.safetensors"), "wb").write(files["adapters.safetensors"])
+    assert {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run)} == files
+
+
+def test_a_failed_model_load_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "no-such-model")
+    assert missing in one_line_exit(dart.main, [f"--model={missing}"])
+    garbage = tmp_path / "garbage-model"
+    garbage.mkdir()
+    (garbage / "config.json").write_text("{not json")
+    assert "cannot load --model" in one_line_exit(dart.main, [f"--model={garbage}"])
+    assert sorted(os.listdir(tmp_path)) == ["garbage-model"]
+
+
 def test_library_functions_raise_instead_of_exiting(cfg_factory, tmp_path):
     """Copied into another program, nothing calls sys.exit: errors are exceptions."""
     with pytest.raises(dart.DartError, match="no such directory"):
@@ -936,21 +1035,28 @@ def test_micro_batching_does_not_change_the_gradient(make_policy):
     assert all(torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-9) for k in grads[0])
 
 
+def frozen_linears(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+
+
 def test_update_precision_casts_frozen_weights_once_with_autocasts_numbers(make_policy, monkeypatch):
     """Sampling in float32, the update in bfloat16: the frozen linear weights held in bfloat16 for
     the whole update give exactly the adapters that autocast's cast in every forward gives, and
-    are float32 again afterwards. The tied output layer (the embedding table) is left alone."""
+    are float32 again afterwards. The embedding table keeps its precision; the output layer tied
+    to it gets a bfloat16 copy of its own for the update, and is tied again after it."""
     policy, _ = make_policy("dart")
-    held = dart.frozen_linear_tensors(policy.model)
-    assert held and all(t is not policy.model.get_input_embeddings().weight for t in held)
+    model, embedding = policy.model, policy.model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embedding  # the tiny model ties them
     policy.train_dtype = torch.bfloat16
-    with policy.training():
-        assert {t.dtype for t in held} == {torch.bfloat16}  # held in the update's precision
-    assert {t.dtype for t in held} == {torch.float32}
+    with policy.update_precision():
+        assert {m.weight.dtype for m in frozen_linears(model)} == {torch.bfloat16}  # the output layer too
+        assert model.get_input_embeddings().weight is embedding and embedding.dtype == torch.float32
+    assert {m.weight.dtype for m in frozen_linears(model)} == {torch.float32}
+    assert model.get_output_embeddings().weight is embedding
     before, after = None, []
     for cast_once in (True, False):
-        if not cast_once:
-            monkeypatch.setattr(dart, "frozen_linear_tensors", lambda model: [])  # autocast casts every time
+        if not cast_once:  # autocast casts every time
+            monkeypatch.setattr(dart, "hold_frozen_linears", lambda model, dtype: (lambda: None))
         policy, cfg = make_policy("dart", randomize=0.02, train_dtype="bfloat16", micro_batch=3)
         _, prompts = prompts_for(policy, 4, seed=8)
         prompts = [p for p in prompts for _ in range(2)]
@@ -1037,19 +1143,32 @@ def readme_code(section):
     return re.search(r"```python\n(.*?)```", body, re.DOTALL).group(1)
 
 
-def test_readme_layer_snippet_runs_and_routes_like_the_engine(small_hf_folder, tmp_path, monkeypatch):
-    """The README's "Use the DART layer in your own code" snippet, run verbatim on a small model
-    saved under the hub name it loads (from_pretrained takes a local folder of that name first).
-    Its generate() with the role hook produces the logits of the engine's routed forward."""
+def layer_block():
+    """The lines of dart.py between its two marker lines, exactly as a reader would copy them."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dart.py")) as f:
+        text = f.read()
+    return text[text.index("# >>> DART layer\n"):text.index("# <<< DART layer\n")]
+
+
+def test_the_layer_block_pastes_alone_and_the_readme_snippet_routes_like_the_engine(small_hf_folder, tmp_path,
+                                                                                     monkeypatch):
+    """The block between the markers runs in an empty namespace (it imports torch and the standard
+    library, nothing of this repository or of transformers); then the README's "Use the DART layer
+    in your own code" snippet, run verbatim after it on a small model saved under the hub name it
+    loads (from_pretrained takes a local folder of that name first), trains both adapters, and its
+    generate() with the role hook produces the logits of dart.py's engine."""
     import shutil
+    block = layer_block()
+    assert set(re.findall(r"^(?:from|import) (\w+)", block, re.M)) <= {"contextlib", "dataclasses", "math", "torch"}
     code = readme_code("Use the DART layer in your own code")
     name = re.search(r'name = "(.+?)"', code).group(1)
     shutil.copytree(small_hf_folder, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    snippet = {}
-    exec(code, snippet)
-    model, tok, special, routing = (snippet[k] for k in ("model", "tok", "special", "routing"))
+    pasted = {"__name__": "pasted"}
+    exec(block, pasted)
+    exec(code, pasted)
+    model, tok, routing = (pasted[k] for k in ("model", "tok", "routing"))
     assert all(len(tok.encode(tag, add_special_tokens=False)) == 1 for tag in dart.TAGS)
     # its training step reached both adapters: the trajectory it trains on has both roles
     moved = [block_view(SimpleNamespace(model=model, routing=routing), b) for b in (R, T)]
@@ -1059,18 +1178,20 @@ def test_readme_layer_snippet_runs_and_routes_like_the_engine(small_hf_folder, t
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.2, generator=generator)
+    special = dart.special_ids(tok)
     policy = dart.Policy(model, tok, special, routing, "cpu")
     for tail in ("", "Compute it. <calc>"):  # generation starts in a REASONING, then in a TOOL position
         prompt = dart.prompt_ids(tok, "What is 12 plus 30?") + encode(policy, tail)
         ids = torch.tensor([prompt])
-        out = snippet["generate_with_roles"](model, routing, special, input_ids=ids,
-                                             attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                             do_sample=False, output_logits=True, return_dict_in_generate=True,
-                                             pad_token_id=special.pad)
+        out = pasted["generate_with_roles"](model, routing, pasted["spans"], input_ids=ids,
+                                            attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                            do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                            pad_token_id=special.pad)
         sequence = out.sequences
         attention = torch.ones_like(sequence)
         with torch.no_grad():
-            engine = policy.logits(sequence, attention, dart.positions(attention), dart.token_roles(sequence, special))
+            engine = policy.logits(sequence, attention, dart.position_ids(attention),
+                                   dart.token_roles(sequence, special.spans))
         generated = torch.stack(out.logits, 1)[0]
         assert torch.allclose(generated, engine[0, len(prompt) - 1:-1], atol=1e-4)
         # and the engine, sampling greedily itself, writes the same tokens until its first observation
@@ -1081,14 +1202,20 @@ def test_readme_layer_snippet_runs_and_routes_like_the_engine(small_hf_folder, t
         assert agree > 0 and torch.equal(rolled.ids[0, written], sequence[0, written])
 
 
+def saved_run(policy, cfg, out):
+    """A run directory holding config.json and a checkpoint of `policy`'s adapters."""
+    cfg.out = str(out)
+    dart.RunFiles(cfg, 0)
+    dart.save_checkpoint(cfg.out, policy, dart.make_optimizer(policy, cfg), cfg, 1)
+    return cfg.out
+
+
 def test_peft_export_files_and_merged_logits(make_policy, cfg_factory, tmp_path):
     """Each exported adapter has PEFT's file names, key names and shapes, and merged the way PEFT
     merges a LoRA (W + lora_alpha / r * B A) gives the logits DART gives with every token in its role."""
     from safetensors.torch import load_file
     policy, cfg = make_policy("dart", randomize=0.05)
-    cfg.out = str(tmp_path / "run")
-    dart.prepare_run_dir(cfg)
-    dart.save_checkpoint(cfg.out, policy, dart.make_optimizer(policy, cfg), cfg, 1)
+    saved_run(policy, cfg, tmp_path / "run")
     dart.main([f"--export_peft={cfg.out}"])
     folders = [os.path.join(cfg.out, "peft", name) for name in ("reasoning", "tool")]
     ids, attention, position, _ = batch_of(policy)
@@ -1097,7 +1224,7 @@ def test_peft_export_files_and_merged_logits(make_policy, cfg_factory, tmp_path)
         assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
         config = json.load(open(os.path.join(folder, "adapter_config.json")))
         assert (config["peft_type"], config["task_type"]) == ("LORA", "CAUSAL_LM")
-        assert (config["r"], config["lora_alpha"]) == (cfg.rank, cfg.alpha)
+        assert (config["r"], config["lora_alpha"]) == (cfg.lora_rank, cfg.alpha)
         assert set(config["target_modules"]) == targets
         assert config["base_model_name_or_path"] == os.path.abspath(dart.base_path(cfg))
         base, _ = dart.load_base(cfg)  # what base_model_name_or_path names
@@ -1107,24 +1234,20 @@ def test_peft_export_files_and_merged_logits(make_policy, cfg_factory, tmp_path)
         with torch.no_grad():
             for n, m in linears.items():
                 A, B = tensors[f"base_model.model.{n}.lora_A.weight"], tensors[f"base_model.model.{n}.lora_B.weight"]
-                assert A.shape == (cfg.rank, m.in_features) and B.shape == (m.out_features, cfg.rank)
+                assert A.shape == (cfg.lora_rank, m.in_features) and B.shape == (m.out_features, cfg.lora_rank)
                 m.weight += config["lora_alpha"] / config["r"] * B @ A
             merged = base(input_ids=ids, attention_mask=attention, position_ids=position).logits
             expected = routed(policy, ids, attention, position, torch.full_like(ids, role))
         assert torch.allclose(merged, expected, atol=1e-4)
     for mode, names in (("joint2r", ["shared"]), ("two_agent", ["reasoning", "tool"])):
         other, other_cfg = make_policy(mode)
-        other_cfg.out = str(tmp_path / mode)
-        dart.prepare_run_dir(other_cfg)
-        dart.save_checkpoint(other_cfg.out, other, dart.make_optimizer(other, other_cfg), other_cfg, 1)
-        assert [os.path.basename(f) for f in dart.export_peft(other_cfg.out)] == names
-    assert json.load(open(tmp_path / "joint2r" / "peft" / "shared" / "adapter_config.json"))["r"] == 2 * cfg.rank
+        saved_run(other, other_cfg, tmp_path / mode)
+        assert [os.path.basename(f) for f in dart.write_peft_adapters(other_cfg.out)] == names
+    assert json.load(open(tmp_path / "joint2r" / "peft" / "shared" / "adapter_config.json"))["r"] == 2 * cfg.lora_rank
     mixed, mixed_cfg = make_policy("mixlora")
-    mixed_cfg.out = str(tmp_path / "mixlora")
-    dart.prepare_run_dir(mixed_cfg)
-    dart.save_checkpoint(mixed_cfg.out, mixed, dart.make_optimizer(mixed, mixed_cfg), mixed_cfg, 1)
+    saved_run(mixed, mixed_cfg, tmp_path / "mixlora")
     with pytest.raises(dart.DartError, match="router"):
-        dart.export_peft(mixed_cfg.out)
+        dart.write_peft_adapters(mixed_cfg.out)
 
 
 # ---------------------------------------------------------------------------
@@ -1184,6 +1307,155 @@ def test_no_deprecation_warnings_from_the_libraries(make_policy, cfg_factory, tm
 
 
 # ---------------------------------------------------------------------------
+# the GPU path, checked on a CPU: what a GPU would pay for (syncs, casts, devices)
+
+
+def count_reads(monkeypatch):
+    """Counts, per dart.py function, the reads of tensor values into Python. On a GPU each is a
+    sync: the host waits until the device has finished everything queued before it."""
+    import collections
+    import sys
+    reads = collections.Counter()
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
+        method = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _method=method, **kwargs):
+            frame = sys._getframe(1)
+            while frame.f_code.co_name.startswith("<") and frame.f_back:  # a comprehension: its function
+                frame = frame.f_back
+            if frame.f_code.co_filename == dart.__file__:
+                reads[frame.f_code.co_name] += 1
+            return _method(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", dart.MODES)
+def test_gpu_rollout_logprobs_agree_with_training_in_bfloat16(make_policy, mode):
+    """On a GPU in bfloat16 the engine's log-probs agree with the training forward's to bfloat16's
+    rounding (a one-token decode step and a whole-sequence forward run different kernels, so not to
+    1e-4 as in float32), and both route every position alike."""
+    policy, cfg = make_policy(mode, randomize=0.02, device="cuda", dtype="bfloat16")
+    _, prompts = prompts_for(policy, 4, seed=3)
+    out = dart.rollout(policy, REGISTRY, [p for p in prompts for _ in range(3)], cfg, 1.0,
+                       torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad(), policy.update_precision():
+        logp, _ = dart.response_logprobs(policy, out.ids, out.attention_mask, out.prompt_len, 1.0)
+    gap = (logp - out.logprobs)[out.written_by_policy].abs()
+    assert gap.mean() < 0.05 and gap.max() < 1.0, (gap.mean(), gap.max())
+    assert torch.equal(out.roles[out.attention_mask.bool()],
+                       dart.token_roles(out.ids, policy.special.spans)[out.attention_mask.bool()])
+
+
+def test_rollout_and_update_read_the_device_once_per_step(make_policy, monkeypatch):
+    """The engine reads the device once per decode step (the sampled tokens), plus the finished
+    batch at the end; the update plans its micro-batches from two reads before it starts, then
+    reads once per pass (is the loss finite?), never inside its loop over micro-batches."""
+    policy, cfg = make_policy("dart", randomize=0.02, micro_batch=3)
+    _, prompts = prompts_for(policy, 4, seed=2)
+    reads = count_reads(monkeypatch)
+    batch = dart.rollout(policy, REGISTRY, [p for p in prompts for _ in range(3)], cfg, 1.0,
+                         torch.Generator().manual_seed(0))
+    steps = batch.written_by_policy.shape[1]
+    lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1)
+    assert len(set(lengths.tolist())) > 1  # rows finished at different steps
+    assert dict(reads) == {"rollout": steps + 2}
+    reads.clear()
+    for passes in (1, 2):
+        cfg.updates_per_batch = passes
+        dart.grpo_update(policy, dart.make_optimizer(policy, cfg), batch, torch.linspace(-1, 1, 12), cfg)
+        assert reads.pop("grpo_update") == passes and reads.pop("micro_batches") == 2
+        assert set(reads) <= {"metrics"}  # the log, read after the update's work is done
+        reads.clear()
+
+
+def test_a_resumed_optimizer_state_lives_where_a_fresh_ones_does(make_policy, tmp_path, monkeypatch):
+    """AdamW keeps its step counts on the host; a checkpoint is read onto the CPU and the optimizer
+    moves the rest to the adapters' device, so a resumed run's state is laid out as a fresh one's
+    (loaded straight onto a GPU, every optimizer step would sync on each step count)."""
+    policy, cfg = make_policy("dart", randomize=0.02)
+    fresh = dart.make_optimizer(policy, cfg)
+    _, prompts = prompts_for(policy, 2, seed=1)
+    batch = dart.rollout(policy, REGISTRY, [p for p in prompts for _ in range(2)], cfg, 1.0,
+                         torch.Generator().manual_seed(0))
+    dart.grpo_update(policy, fresh, batch, torch.linspace(-1, 1, 4), cfg)
+    saved_run(policy, cfg, tmp_path / "run")
+    dart.save_checkpoint(cfg.out, policy, fresh, cfg, 1)
+    locations = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: locations.append(k.get("map_location")) or real_load(*a, **k))
+    resumed = dart.make_optimizer(policy, cfg)
+    assert dart.load_checkpoint(cfg.out, policy, resumed, cfg) == 1 and locations == ["cpu"]
+    layout = lambda opt: [(k, v.device, v.dtype) for s in opt.state.values() for k, v in sorted(s.items())]
+    assert layout(resumed) == layout(fresh) and layout(fresh)
+
+
+def test_resume_and_export_use_the_base_the_run_recorded(cfg_factory, tmp_path, monkeypatch):
+    """config.json records the cached base a run trained on; --resume and --export_peft use it even
+    when today's settings would name another one (as the warm-start dtype does on another device)."""
+    run = dart.train(cfg_factory(out=str(tmp_path / "run"), steps=1, questions_per_step=1), report=False)
+    recorded = json.load(open(os.path.join(run, "config.json")))["cached_base"]
+    assert os.path.isfile(os.path.join(recorded, "base.json"))
+    monkeypatch.setattr(dart, "base_path", lambda cfg: str(tmp_path / "another-base"))
+    dart.main([f"--export_peft={run}"])
+    config = json.load(open(os.path.join(run, "peft", "reasoning", "adapter_config.json")))
+    assert config["base_model_name_or_path"] == recorded
+    dart.main([f"--resume={run}", "--steps=2"])
+    assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == [0, 1, 2]
+    assert not os.path.exists(tmp_path / "another-base")
+
+
+def test_sampling_precision_holds_the_frozen_weights_in_it(make_policy, monkeypatch):
+    """--dtype=bfloat16 (auto on a GPU that computes it natively): the frozen linear weights are held
+    in bfloat16 from loading on, and give exactly the logits of float32 weights that autocast casts
+    in every forward; the embedding table stays float32, and an update in the same precision casts
+    nothing more."""
+    held, cfg = make_policy("dart", randomize=0.02, dtype="bfloat16")
+    assert {m.weight.dtype for m in frozen_linears(held.model)} == {torch.bfloat16}
+    assert held.model.get_input_embeddings().weight.dtype == torch.float32
+    casts = []
+    monkeypatch.setattr(dart, "hold_frozen_linears", lambda model, dtype: casts.append(dtype) or (lambda: None))
+    with held.update_precision():
+        assert casts == []
+    cast_each_time, _ = make_policy("dart", randomize=0.02, dtype="bfloat16")
+    assert {m.weight.dtype for m in frozen_linears(cast_each_time.model)} == {torch.float32}
+    ids, attention, position, roles = batch_of(held)
+    with torch.no_grad():
+        assert torch.equal(routed(held, ids, attention, position, roles),
+                           routed(cast_each_time, ids, attention, position, roles))
+
+
+def test_auto_precision_is_bfloat16_only_where_the_gpu_computes_it(monkeypatch):
+    cfg = dart.Config()
+    assert dart.autocast_dtypes(cfg, "cpu") == (None, None)
+    for native, expected in ((True, torch.bfloat16), (False, None)):  # False: a T4, V100 or Turing laptop
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or
+                            including_emulation)
+        assert dart.autocast_dtypes(cfg, "cuda") == (expected, expected)
+    assert dart.autocast_dtypes(dataclasses.replace(cfg, train_dtype="bfloat16"), "cpu") == (None, torch.bfloat16)
+
+
+def test_tags_take_spare_embedding_rows_before_the_matrix_grows(small_hf_folder):
+    """A model whose embedding matrix has rows beyond its tokenizer (Qwen2.5: 151,936 for 151,665)
+    keeps its size, so that the output layer stays on the GPU's tile sizes; a full one grows by
+    exactly the tags. Either way every new tag's row is the mean of its text's pieces."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    for spare in (0, 64):
+        tok = AutoTokenizer.from_pretrained(small_hf_folder)
+        model = AutoModelForCausalLM.from_pretrained(small_hf_folder)
+        model.resize_token_embeddings(len(tok) + spare)
+        pieces = {tag: tok.encode(tag, add_special_tokens=False) for tag in dart.TAGS}
+        rows = model.get_input_embeddings().weight.detach().clone()
+        dart.add_tag_tokens(model, tok)
+        size = model.get_input_embeddings().weight.shape[0]
+        assert size == (len(tok) + spare - len(dart.TAGS) if spare else len(tok))
+        for tag in dart.TAGS:
+            assert torch.allclose(model.get_input_embeddings().weight[tok.convert_tokens_to_ids(tag)],
+                                  rows[pieces[tag]].mean(0))
+
+
+# ---------------------------------------------------------------------------
 # data parallel (torchrun): N processes take exactly one process's step
 
 
@@ -1214,8 +1486,14 @@ def ddp_update(policy, batch, advantages, cfg, rows):
     return dart.adapter_state(policy.model)
 
 
+def on_device(batch, device):
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
 def ddp_worker(rank, size, port, saved_path, out_path):
-    """One of two processes, set up as torchrun sets them up (environment, gloo)."""
+    """One of two processes, set up as torchrun sets them up (environment; gloo on the CPU, nccl
+    with one GPU per process on CUDA)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -1227,8 +1505,8 @@ def ddp_worker(rank, size, port, saved_path, out_path):
         cfg = dataclasses.replace(saved["cfg"], loss_agg=agg, max_grad_norm=1e9)
         policy = dart.load_policy(cfg)
         dart.load_trainable(policy.model, saved["adapters"])
-        batch = saved["empty_batch"] if empty else saved["batch"]
-        results[agg, empty] = ddp_update(policy, batch, saved["advantages"], cfg,
+        batch = on_device(saved["empty_batch"] if empty else saved["batch"], policy.device)
+        results[agg, empty] = ddp_update(policy, batch, saved["advantages"].to(policy.device), cfg,
                                          list(range(rank * share, (rank + 1) * share)))
     if rank == 1:  # the per-step guard of train() notices processes whose adapters differ
         with torch.no_grad():
@@ -1244,10 +1522,15 @@ def ddp_worker(rank, size, port, saved_path, out_path):
     torch.distributed.destroy_process_group()
 
 
-def test_two_processes_take_exactly_the_one_process_step(make_policy, tmp_path):
-    policy, cfg = make_policy("dart", randomize=0.02)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_two_gpus)])
+def test_two_processes_take_exactly_the_one_process_step(make_policy, tmp_path, device):
+    policy, cfg = make_policy("dart", randomize=0.02, device=device, dtype="float32")
     _, prompts = prompts_for(policy, 8, seed=11)
-    batch = dart.rollout(policy, REGISTRY, prompts, cfg, 1.0, torch.Generator().manual_seed(0))
+    batch = on_device(dart.rollout(policy, REGISTRY, prompts, cfg, 1.0, torch.Generator(device).manual_seed(0)), "cpu")
     empty = rows_of(batch, list(range(8)))
     empty.written_by_policy = empty.written_by_policy.clone()
     empty.written_by_policy[4:] = False  # the second process's share carries no loss at all
@@ -1262,7 +1545,8 @@ def test_two_processes_take_exactly_the_one_process_step(make_policy, tmp_path):
     for agg, is_empty in DDP_CASES:
         one_cfg = dataclasses.replace(cfg, loss_agg=agg, max_grad_norm=1e9)
         dart.load_trainable(policy.model, adapters)
-        whole = ddp_update(policy, empty if is_empty else batch, advantages, one_cfg, list(range(8)))
+        whole = ddp_update(policy, on_device(empty if is_empty else batch, device), advantages.to(device), one_cfg,
+                           list(range(8)))
         moved = sum((whole[k] - adapters[k]).abs().sum() for k in whole)
         assert moved > 0
         for k in whole:
@@ -1285,7 +1569,7 @@ def test_torchrun_end_to_end_and_resume(cfg_factory, tmp_path):
     checks it each step and raises otherwise), write one run directory, and resume."""
     cfg = cfg_factory()
     dart.load_base(cfg)  # the base is cached: the processes only read it
-    flags = [f"--cache_dir={cfg.cache_dir}", "--base_batch=16", "--questions_per_step=2", "--group_size=4",
+    flags = [f"--cache_dir={cfg.cache_dir}", "--device=cpu", "--base_batch=16", "--questions_per_step=2", "--group_size=4",
              "--eval_per_family=2", "--eval_every=2", "--save_every=1", "--max_new_tokens=48"]
     done = torchrun(flags + ["--steps=2"], tmp_path)
     runs = os.listdir(tmp_path / "runs")
@@ -1301,7 +1585,7 @@ def test_warm_start_of_an_hf_model_teaches_the_format_and_is_cached(small_hf_fol
     """The supervised warm start of a --model (here the small random HF model) runs, is cached
     under runs/cache and reused, and afterwards the model writes the tags: it answers in
     <answer>...</answer>, which the untrained model never does."""
-    cfg = cfg_factory(model=str(small_hf_folder), warm_start=40, warm_lr=3e-3, rank=4)
+    cfg = cfg_factory(model=str(small_hf_folder), warm_start=40, warm_lr=3e-3, lora_rank=4)
     rng = random.Random(3)
     tasks = [toy_tasks.sample_task(rng, WORLD, "train") for _ in range(16)]
 
@@ -1313,6 +1597,6 @@ def test_warm_start_of_an_hf_model_teaches_the_format_and_is_cached(small_hf_fol
     warm = dart.load_policy(cfg)
     assert os.path.exists(os.path.join(dart.base_path(cfg), "base.json"))
     assert answered(warm) >= 0.5
-    monkeypatch.setattr(dart, "warm_start", lambda *args, **kwargs: pytest.fail("the cached base was not reused"))
+    monkeypatch.setattr(dart, "imitate_demonstrations", lambda *args, **kwargs: pytest.fail("the cached base was not reused"))
     again = dart.load_policy(cfg)
     assert all(torch.equal(a, b) for a, b in zip(warm.model.state_dict().values(), again.model.state_dict().values()))
