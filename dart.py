@@ -825,6 +825,19 @@ def format_health(texts, observations):
             "called_tool": float(np.mean([n > 0 for n in observations]))}
 
 
+def skill_rates(tasks, texts):
+    """Per skill of the toy world (the decisions where the demonstrator errs: calling a tool, the
+    hops, the lookup key, the calculator expression), the share of the questions with that pitfall
+    on which the response reached the decision and got it right; None where none reached it."""
+    verdicts = {skill: [] for skill in toy_tasks.SKILL_ROLES}
+    for task, text in zip(tasks, texts):
+        pitfalls = {skill for skill, _, _ in task.slips}
+        for skill, right in toy_tasks.judge(task, text).items():
+            if skill in pitfalls:
+                verdicts[skill].append(right)
+    return {f"skill_{skill}": float(np.mean(v)) if v else None for skill, v in verdicts.items()}
+
+
 @torch.no_grad()
 def evaluate(policy, registry, tasks, cfg, batch_size=256):
     """Greedy accuracy on `tasks`, per family, with tool-call statistics, format health and
@@ -842,6 +855,7 @@ def evaluate(policy, registry, tasks, cfg, batch_size=256):
     metrics = {"acc": float(np.mean(correct))}
     for family in sorted({t.family for t in tasks}):
         metrics[f"acc_{family}"] = float(np.mean([c for c, t in zip(correct, tasks) if t.family == family]))
+    metrics.update(skill_rates(tasks, texts))
     metrics["tool_calls"] = float(np.mean(calls))
     # share of answered calls that worked; None (not 100%) when the policy made no call at all
     metrics["valid_calls"] = 1 - sum(invalid) / sum(observations) if sum(observations) else None
@@ -1223,13 +1237,12 @@ def imitate_demonstrations(model, tok, params, steps, batch_size, lr, seed, desc
     world = toy_tasks.make_world()
     special = special_ids(tok)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
     rng = random.Random(seed)
     autocast = torch.autocast(device.split(":")[0], dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     bar = tqdm(range(steps), desc=desc, leave=False)
-    for _ in bar:
+    for step in bar:
+        for group in opt.param_groups:  # warmup over the first 5% of the steps, then a cosine decay
+            group["lr"] = warmup_cosine(lr, step, steps, max(1, steps // 20))
         rows, targets = [], []
         for _ in range(batch_size):
             task = toy_tasks.sample_task(rng, world, "train")
@@ -1247,7 +1260,6 @@ def imitate_demonstrations(model, tok, params, steps, batch_size, lr, seed, desc
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
 
@@ -1339,7 +1351,7 @@ def base_key(cfg):
                "warm_dtype": str(autocast_dtypes(cfg, resolve_device(cfg))[1]),
                **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("warm_")}}
     key["world"] = short_hash(world.kb)
-    key["tasks"] = toy_tasks.tokenizer_corpus(world, n=20)
+    key["tasks"] = short_hash(toy_tasks.tokenizer_corpus(world))  # the warm start's texts: every rate counts
     key["tags"] = TAGS
     return key
 
@@ -1617,8 +1629,11 @@ def results_table(base, final):
     rows.append(("tool calls / question", f"{base['test_tool_calls']:.2f}", f"{final['test_tool_calls']:.2f}"))
     share = lambda value: "n/a" if value is None else f"{value:.0%}"  # None: no tool call was made
     rows.append(("valid tool calls", share(base["test_valid_calls"]), share(final["test_valid_calls"])))
-    lines = [f"| {a:<22} | {b:>7} | {c:>7} |" for a, b, c in rows]
-    lines.insert(1, f"|{'-' * 24}|{'-' * 8}:|{'-' * 8}:|")
+    for skill, role in toy_tasks.SKILL_ROLES.items():
+        rows.append((f"{skill} right ({role})", share(base[f"test_skill_{skill}"]), share(final[f"test_skill_{skill}"])))
+    width = max(len(a) for a, _, _ in rows)
+    lines = [f"| {a:<{width}} | {b:>7} | {c:>7} |" for a, b, c in rows]
+    lines.insert(1, f"|{'-' * (width + 2)}|{'-' * 8}:|{'-' * 8}:|")
     return "\n".join(lines)
 
 
@@ -1659,13 +1674,25 @@ def verdict(text, task, invalid_calls):
 
 
 def showcase(policy, registry, test, cfg):
-    """The trajectory to show: the first test question needing two lookups and a calculation that
-    the policy answers right, greedily; when it solves none, the first one, marked wrong."""
-    multihop = [t for t in test if t.family == "multihop"]
-    batch = rollout(policy, registry, [prompt_ids(policy.tok, t.question) for t in multihop], cfg, temperature=0)
-    verdicts = [verdict(text, t, n) for text, t, n in zip(batch.texts, multihop, batch.invalid_calls)]
+    """The trajectory to show: a test question needing two lookups and a calculation, worded so
+    that the warm start's demonstrator often writes a wrong tool call for it (a paraphrase mapped
+    to the wrong key, or a miscomposed expression): the first such question the policy answers
+    right, greedily, or the first one, marked wrong. Returned with the demonstrator's wrong call,
+    which earns no reward: this is what the tool adapter had to learn."""
+    tricky = [t for t in test if t.family == "multihop" and
+              any(toy_tasks.SKILL_ROLES[skill] == "tool" for skill, _, _ in t.slips)]
+    batch = rollout(policy, registry, [prompt_ids(policy.tok, t.question) for t in tricky], cfg, temperature=0)
+    verdicts = [verdict(text, t, n) for text, t, n in zip(batch.texts, tricky, batch.invalid_calls)]
     row = verdicts.index("right") if "right" in verdicts else 0
-    return multihop[row], batch, row, verdicts[row]
+    return tricky[row], batch, row, verdicts[row]
+
+
+def slipped_call(task):
+    """The demonstrator's first tool-role mistake on `task`: the call it writes instead of the gold one."""
+    _, _, trajectory = next(slip for slip in task.slips if toy_tasks.SKILL_ROLES[slip[0]] == "tool")
+    gold = toy_tasks.tool_calls(task.trajectory)
+    tool, argument = next(call for call, right in zip(toy_tasks.tool_calls(trajectory), gold) if call != right)
+    return f"<{tool}>{argument}</{tool}>"
 
 
 def print_report(run_dir, table, curve, policy, registry, test, cfg):
@@ -1674,7 +1701,8 @@ def print_report(run_dir, table, curve, policy, registry, test, cfg):
     legend = " ".join(f"{COLOURS[w]}{w}{RESET}" if colour else w for w in COLOURS)
     print(f"\n{table}\n\ntrain reward  {curve}\n")
     print(f"a multihop test question, answered greedily ({legend}):\n  {example.question}\n  "
-          f"{render_trajectory(policy, batch, row, colour)}\n  gold: {example.answer} ({judged})\n")
+          f"{render_trajectory(policy, batch, row, colour)}\n  gold: {example.answer} ({judged})\n"
+          f"  the warm start's demonstrator often writes {slipped_call(example)} here: a wrong call, no reward\n")
     print(f"run directory: {run_dir}")
 
 
@@ -1777,8 +1805,8 @@ def difference_line(results, a, b):
     questions = len(results[a][0]["final"]["test_correct"])
     finding = ("no detectable difference at this budget" if lo <= 0 <= hi
                else f"{a if lo > 0 else b} is better at this budget")
-    return (f"{a} - {b}: {mean:+.1f} points, 95% interval [{lo:+.1f}, {hi:+.1f}] over {runs} seed(s) and "
-            f"{questions} test questions: {finding}")
+    return (f"{a} - {b}: {mean:+.1f} points, 95% interval [{lo:+.1f}, {hi:+.1f}] (half-width {(hi - lo) / 2:.1f}) "
+            f"over {runs} seed(s) and {questions} test questions: {finding}")
 
 
 def stability_table(results):
@@ -1811,10 +1839,11 @@ def compare_modes(cfg):
     if process_rank() > 0:
         return results
     table = compare_table(results)
-    differences = "\n".join(difference_line(results, a, b) for a, b in (("dart", "joint"), ("two_agent", "dart"))
-                            if a in results and b in results)
+    pairs = (("dart", "joint"), ("dart", "joint2r"), ("two_agent", "dart"))
+    differences = "\n".join(difference_line(results, a, b) for a, b in pairs if a in results and b in results)
     header = (f"{cfg.seeds} seed(s), {cfg.steps} RL steps of {cfg.questions_per_step}x{cfg.group_size} rollouts, "
-              f"model {cfg.model}, device {device}; final test accuracy in %, mean±std over seeds")
+              f"LoRA rank {cfg.lora_rank} (joint: r, joint2r: 2r, dart: r + r), model {cfg.model}, device {device}; "
+              f"final test accuracy in %, mean±std over seeds")
     report = "\n\n".join(part for part in (header, table, differences, stability_table(results)) if part) + "\n"
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(report)

@@ -215,9 +215,11 @@ def attribution(counts, tasks, lcfg):
     for seed in range(lcfg.seeds):
         K_seed = np.stack([counts[v, seed] for v in VARIANTS])[:, kept]
         l23_seed = fit_effects(design_matrix(), smoothed_logit(K_seed, lcfg.samples))[0][EFFECTS.index("lambda23")]
+        rate = {v: 100 * counts[v, seed].mean() / lcfg.samples for v in VARIANTS}  # % of sampled answers right
         per_seed.append({"lambda23_mean": float(l23_seed.mean()),
-                         "interference_share": float((l23_seed < -1e-9).mean())})
-    between = {key: seed_interval([p[key] for p in per_seed]) for key in ("lambda23_mean", "interference_share")}
+                         "interference_share": float((l23_seed < -1e-9).mean()),
+                         **{f"{v}_gain": float(rate[v] - rate["Base"]) for v in VARIANTS[1:]}})
+    between = {key: seed_interval([p[key] for p in per_seed]) for key in per_seed[0]}
     kept_index = np.flatnonzero(kept)
     return {
         "per_seed": per_seed,
@@ -263,6 +265,13 @@ def attribution_table(report, lcfg):
         values = ", ".join(fmt.format(p[key]) for p in report["per_seed"])
         lines.append(f"  {label:<24} per seed {values}: mean {fmt.format(mean)}{spread}")
     lines.append(f"conclusion: {report['conclusion']}")
+    lines += ["", "what each variant adds to the base's success rate (points; each seed's variants against its own "
+                  "base sample):"]
+    for variant in VARIANTS[1:]:
+        mean, interval = report["between_seeds"][f"{variant}_gain"]
+        spread = "" if interval is None else f", between-seed 95% t-interval [{interval[0]:+.1f}, {interval[1]:+.1f}]"
+        verdict = "" if interval is None or interval[0] <= 0 <= interval[1] else "  (differs from Base)"
+        lines.append(f"  {variant + ' - Base':<18} {mean:+.1f}{spread}{verdict}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import time
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -142,30 +143,137 @@ def test_lookup_is_forgiving_and_names_what_exists():
 # toy_tasks.py: splits and reward
 
 
-def test_splits_share_no_entities_or_operands():
+NAME = re.compile(r"\b[A-Z][a-z]+\b")
+
+
+def sample_tasks(n, split="train", seed=0, family=None):
+    rng = random.Random(seed)
+    return [toy_tasks.sample_task(rng, WORLD, split, family) for _ in range(n)]
+
+
+def replays(trajectory):
+    """Every call's observation in `trajectory` is what the real tool answers."""
+    for name in tools.TOOL_NAMES:
+        for call in trajectory.split(f"<{name}>")[1:]:
+            argument, _, rest = call.partition(f"</{name}>")
+            if not rest.startswith("<obs>" + tools.run_tool(REGISTRY, name, argument) + "</obs>"):
+                return False
+    return True
+
+
+def inside_tool_call(text, index):
+    """Is the character at `index` written inside an open tool call (the role rule, on text)?"""
+    opened = False
+    for match in re.finditer(r"<(/?)(calc|lookup)>", text[:index]):
+        opened = not match.group(1)
+    return opened
+
+
+def test_splits_hold_out_entities_and_operands():
     assert not set(WORLD.train_entities) & set(WORLD.test_entities)
-    rng = random.Random(0)
     for split, entities in (("train", WORLD.train_entities), ("test", WORLD.test_entities)):
-        for family in toy_tasks.FAMILIES:
-            for _ in range(50):
-                task = toy_tasks.sample_task(rng, WORLD, split, family)
-                assert all(name in entities for name in re.findall(r"of ([A-Z][a-z]+)", task.question))
-                if family in ("arithmetic", "notool"):
-                    a, b = map(int, re.findall(r"\d+", task.question))
-                    assert toy_tasks.split_of(a, b) == split
+        for task in sample_tasks(400, split=split, seed=6):
+            assert set(NAME.findall(task.question)) - {"What", "Which"} <= set(entities)
+            if task.family in ("arithmetic", "notool"):
+                a, b = map(int, re.findall(r"\d+", task.question))
+                assert toy_tasks.split_of(a, b) == split
+
+
+def test_phrasings_are_shared_between_splits():
+    """Paraphrases are not held out (a model trained from scratch learns a word only from the
+    warm start): every phrasing of a test question also occurs in training."""
+    def phrasing(question):  # entities and numbers blanked
+        return re.sub(r"\d+", "N", NAME.sub(lambda m: m.group() if m.group() in ("What", "Which") else "E", question))
+    train = {phrasing(t.question) for t in sample_tasks(20000, seed=7)}
+    test = {phrasing(t.question) for t in sample_tasks(2000, split="test", seed=8)}
+    assert test <= train, test - train
 
 
 def test_gold_trajectories_solve_their_tasks():
     """Replaying a gold trajectory's tool calls through the real tools gives its observations,
-    and its answer earns reward 1."""
-    rng = random.Random(1)
+    its answer earns reward 1, and judge() finds every decision right."""
     for family in toy_tasks.FAMILIES:
-        task = toy_tasks.sample_task(rng, WORLD, "train", family)
-        assert toy_tasks.reward(task.trajectory, task) == 1.0
-        for name in tools.TOOL_NAMES:
-            for call in task.trajectory.split(f"<{name}>")[1:]:
-                argument, _, rest = call.partition(f"</{name}>")
-                assert rest.startswith("<obs>" + tools.run_tool(REGISTRY, name, argument) + "</obs>")
+        for task in sample_tasks(200, family=family, seed=1):
+            assert toy_tasks.reward(task.trajectory, task) == 1.0
+            assert replays(task.trajectory)
+            assert all(toy_tasks.judge(task, task.trajectory).values())
+
+
+def test_every_slip_is_a_real_trajectory_that_errs_in_its_own_skill_and_role():
+    """A demonstrator's slip replays through the real tools, earns no reward, judge() marks
+    exactly its own skill wrong, and it leaves the gold trajectory inside a tool call for the
+    tool skills and outside every call for the reasoning skills."""
+    seen = set()
+    for task in sample_tasks(2000, seed=2):
+        for skill, rate, trajectory in task.slips:
+            seen.add(skill)
+            assert 0 < rate < 1 and replays(trajectory) and toy_tasks.reward(trajectory, task) == 0.0
+            verdict = toy_tasks.judge(task, trajectory)
+            assert verdict[skill] is False and all(v for s, v in verdict.items() if s != skill), (trajectory, verdict)
+            where = next(i for i, (a, b) in enumerate(zip(task.trajectory, trajectory)) if a != b)
+            role = "tool" if inside_tool_call(task.trajectory, where) else "reasoning"
+            assert role == toy_tasks.SKILL_ROLES[skill], (skill, trajectory)
+    assert seen == set(toy_tasks.SKILL_ROLES)
+
+
+def test_demonstrator_errs_at_the_intended_rate_and_only_there():
+    """judge() on the demonstrator's trajectories: per skill, in the family where that decision
+    comes first after deciding to call (so every demonstration that called reaches it), the
+    error rate is the intended one; on a task without a pitfall in a skill it never errs there."""
+    rng = random.Random(4)
+    where = {"call": toy_tasks.FAMILIES[:3], "key": ("lookup",), "expression": ("arithmetic",), "hops": ("multihop",)}
+    judged, wrong, expected = Counter(), Counter(), Counter()
+    for task in sample_tasks(20000, seed=4):
+        demo = toy_tasks.demonstration(rng, task)
+        rates = {skill: rate for skill, rate, _ in task.slips}
+        for skill, right in toy_tasks.judge(task, demo).items():
+            if skill not in rates:
+                assert right, (task.question, demo)
+            elif task.family in where[skill]:
+                judged[skill] += 1
+                wrong[skill] += not right
+                expected[skill] += rates[skill]
+    assert set(judged) == set(toy_tasks.SKILL_ROLES)
+    for skill in judged:
+        assert abs(wrong[skill] - expected[skill]) / judged[skill] < 0.03, (skill, wrong[skill], expected[skill])
+
+
+def test_both_roles_have_something_to_learn():
+    """The demonstrator fails often in every tool family, and each role's pitfalls come up in a
+    sizeable share of the questions."""
+    rng = random.Random(5)
+    success, exercised = {f: [] for f in toy_tasks.FAMILIES}, Counter()
+    tasks = sample_tasks(8000, seed=5)
+    for task in tasks:
+        success[task.family].append(toy_tasks.reward(toy_tasks.demonstration(rng, task), task))
+        exercised.update({toy_tasks.SKILL_ROLES[skill] for skill, _, _ in task.slips})
+    assert all(np.mean(success[f]) < 0.8 for f in ("arithmetic", "lookup", "multihop"))
+    assert np.mean(success["notool"]) == 1.0
+    assert all(exercised[role] / len(tasks) > 0.25 for role in ("reasoning", "tool")), exercised
+
+
+def test_skill_rates_judge_only_the_decisions_reached():
+    """Gold responses get every skill right; responses that give up get 'call' wrong and reach
+    no other decision; the demonstrator's tool slips get only their own skill wrong."""
+    tasks = [t for t in sample_tasks(200, split="test", seed=9) if t.slips]
+    assert dart.skill_rates(tasks, [t.trajectory for t in tasks]) == {f"skill_{s}": 1.0 for s in toy_tasks.SKILL_ROLES}
+    gave_up = dart.skill_rates(tasks, [toy_tasks.GIVE_UP_TEXT] * len(tasks))
+    assert gave_up == {"skill_call": 0.0, "skill_hops": None, "skill_key": None, "skill_expression": None}
+    for skill in ("key", "expression"):
+        slipped = [(t, text) for t in tasks for s, _, text in t.slips if s == skill]
+        rates = dart.skill_rates(*zip(*slipped))
+        assert rates[f"skill_{skill}"] == 0.0 and rates["skill_call"] == 1.0
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("I do not know. <answer>0</answer>", {"call": False}),
+    ("<lookup>Avalon.population</lookup><obs>5</obs><answer>5</answer>", {"call": True, "key": False}),
+    ("<lookup>Avalon.area</lookup><obs>12</obs><answer>12</answer>", {"call": True, "key": True}),
+])
+def test_judge_on_hand_written_completions(completion, expected):
+    task = toy_tasks.Task("What is the size of Avalon?", "12", "lookup",
+                          "Look it up. <lookup>Avalon.area</lookup><obs>12</obs><answer>12</answer>")
+    assert toy_tasks.judge(task, completion) == expected
 
 
 @pytest.mark.parametrize("completion, reward", [
@@ -606,6 +714,44 @@ def test_short_run_learns(cfg_factory, tmp_path, device):
     assert after["acc"] >= before["acc"] + 0.1, (before, after)
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == list(range(11)) and "test_acc" in records[0] and "test_acc" in records[-1]
+
+
+def gold_token_probability(policy, tasks, skills):
+    """Mean teacher-forced probability of the gold token at the points where the demonstrator's
+    slips in `skills` leave the gold trajectory (the first token where the two differ)."""
+    probs = []
+    for task in tasks:
+        prompt = dart.prompt_ids(policy.tok, task.question)
+        gold, _ = dart.trajectory_ids(policy.tok, policy.special, task.trajectory)
+        for skill, _, slip in task.slips:
+            if skill in skills:
+                wrong, _ = dart.trajectory_ids(policy.tok, policy.special, slip)
+                where = next(i for i, (a, b) in enumerate(zip(gold, wrong)) if a != b)
+                ids = torch.tensor([prompt + gold[:where]])
+                with torch.no_grad():
+                    logits = routed(policy, ids, torch.ones_like(ids), dart.position_ids(torch.ones_like(ids)),
+                                    dart.token_roles(ids, policy.special.spans))[0, -1]
+                probs.append(torch.softmax(logits.float(), -1)[gold[where]].item())
+    return float(np.mean(probs))
+
+
+def test_a_tool_only_run_learns_the_tool_calls(cfg_factory, tmp_path):
+    """Ten tool_only steps (how leas.py trains M_Tool) raise the probability of the right key or
+    expression where the demonstrator writes a wrong one, so the tool adapter alone has a skill to
+    learn. The decision to call a tool, which tool_only does not train, barely moves (its one
+    adapter acts there too, but no loss reaches it from there)."""
+    from safetensors.torch import load_file
+    cfg = cfg_factory(mode="tool_only", steps=10, questions_per_step=8, group_size=8, lr=2e-3, lr_schedule="constant",
+                      warmup_steps=0, eval_every=100, out=str(tmp_path / "run"))
+    run_dir = dart.train(cfg, report=False)
+    policy = dart.load_policy(cfg)
+    tasks = toy_tasks.test_set(WORLD, 30)
+    skills = {"tool": ("key", "expression"), "call": ("call",)}
+    before = {name: gold_token_probability(policy, tasks, group) for name, group in skills.items()}
+    dart.load_trainable(policy.model, load_file(os.path.join(run_dir, "adapters.safetensors")))
+    after = {name: gold_token_probability(policy, tasks, group) for name, group in skills.items()}
+    assert after["tool"] >= before["tool"] + 0.03, (before, after)
+    assert abs(after["call"] - before["call"]) < 0.02, (before, after)
 
 
 # ---------------------------------------------------------------------------
@@ -1077,7 +1223,7 @@ def test_no_tool_call_means_no_valid_call_share(make_policy):
                          tiny.special, dart.Routing("dart", 2, 4.0, "cpu"), "cpu")
     metrics = {f"test_{k}": v for k, v in dart.evaluate(policy, REGISTRY, tasks, cfg).items()}
     assert metrics["test_tool_calls"] == 0 and metrics["test_valid_calls"] is None
-    assert "| valid tool calls       |     n/a |     n/a |" in dart.results_table(metrics, metrics)
+    assert re.search(r"\| valid tool calls +\| +n/a \| +n/a \|", dart.results_table(metrics, metrics))
     assert dart.mean_std([None], 100) == "n/a" and dart.mean_std([0.5, None, 1.0], 100) == "75±35"
 
 

@@ -1,37 +1,83 @@
 """
-A small seeded world for tool-using RL, and its reward.
+A small seeded world for tool-using RL, its task families, a sloppy demonstrator, and the reward.
 
-Fictional entities have numeric attributes the model cannot know, so it must
-look them up; questions come in four families:
+Fictional entities have numeric attributes the model cannot know, so it must look them up;
+questions come in four families:
 
-    arithmetic  What is 37 times 24?                       needs <calc>
-    lookup      What is the height of Avalon?              needs <lookup>
-    multihop    What is the area of Avalon plus the        needs two <lookup>s and a <calc>
-                height of Brenmor?
+    arithmetic  What is 37 subtracted from 84?             needs <calc>84-37</calc>
+    lookup      What is the elevation of Avalon?           needs <lookup>Avalon.height</lookup>
+    multihop    What is the size of Avalon plus twice      needs two <lookup>s, then
+                the age of Brenmor?                        <calc>52+2*31</calc>
     notool      Which is larger, 341 or 285?               needs no tool
 
-Every task carries its gold trajectory in the format the agent writes
-(tool calls as tagged spans, each followed by the environment's <obs>, then
-<answer>); the warm start imitates those. Train and test use
-disjoint entities and disjoint operand pairs, so test accuracy measures
-tool use, not memory.
+Every task carries its gold trajectory in the format the agent writes (tool calls as tagged
+spans, each followed by the environment's <obs>, then <answer>). The warm start does not imitate
+the gold trajectories but a sloppy demonstrator, whose mistakes are what RL has to undo. Under
+the role rule (dart.py) the decision to call a tool (which one, and when to stop calling) and
+the answer are reasoning tokens; what is written inside a call (the key to look up, the
+expression to compute) is tool tokens. The demonstrator errs in both roles:
+
+    role       skill       the demonstrator's mistake
+    reasoning  call        gives up ("I do not know. <answer>0</answer>") instead of calling a
+                           tool, mostly on question kinds it finds unfamiliar
+    reasoning  hops        answers a multihop question with the first value it looked up
+                           instead of going on to the second lookup
+    tool       key         maps a paraphrase to a wrong key: "size" to .population and
+                           "headcount" to .height (valid keys, so a wrong value comes back
+                           silently and only the reward tells), "elevation" to .elevation (not a
+                           key: an error comes back, and the demonstrator gives up)
+    tool       expression  writes "x subtracted from y" as x-y and "x plus twice y" as (x+y)*2
+
+Each mistake is made at its own decision point at its rate (set below), given that everything
+before it was right, so that rate is what the warm start shows the base there; judge() says which of these
+decisions a trajectory got wrong, for the tests and for measuring what RL changed.
+
+Train and test use disjoint entities and disjoint operand pairs, so test accuracy measures tool
+use, not memory. The phrasings are shared: a model trained from scratch on this world learns a
+word only from the warm start, so a paraphrase held out of training could be mapped to a key by
+nothing but chance.
 """
 import hashlib
 import random
 import re
 from dataclasses import dataclass
 
-from tools import format_number
+from tools import Lookup, calculator, format_number
 
 FAMILIES = ("arithmetic", "lookup", "multihop", "notool")
 ATTRIBUTES = {"population": (100, 999), "area": (10, 99), "height": (10, 99), "age": (10, 99)}
-OPERATIONS = {"plus": ("+", "add"), "minus": ("-", "subtract"), "times": ("*", "multiply")}
+# how a question may name each attribute: by its key, or by a paraphrase (half the time each)
+NOUNS = {"population": ("population", "headcount"), "area": ("area", "size"),
+         "height": ("height", "elevation"), "age": ("age", "antiquity")}
+# how a question combines two quantities x and y: its words, the gold calculator expression, and
+# the expression the demonstrator writes by mistake (None: it never errs on this phrasing)
+COMBINATIONS = {
+    "plus":  ("{x} plus {y}", "{x}+{y}", None),
+    "minus": ("{x} minus {y}", "{x}-{y}", None),
+    "times": ("{x} times {y}", "{x}*{y}", None),
+    "from":  ("{x} subtracted from {y}", "{y}-{x}", "{x}-{y}"),      # reads the numbers left to right
+    "twice": ("{x} plus twice {y}", "{x}+2*{y}", "({x}+{y})*2"),     # doubles the whole sum
+}
+MULTIHOP_COMBINATIONS = ("plus", "minus", "from", "twice")  # a product of two lookups is too long a number
 SYLLABLES = ["ka", "lo", "mir", "ven", "dor", "ta", "ris", "bel", "zu", "nor", "qua", "nim", "sel", "tor",
              "ul", "va", "ren", "pi", "gal", "esh", "bo", "fen", "hal", "jo", "kir", "mu", "os", "pra", "sa", "wen"]
 WORLD_SEED = 1234
 N_ENTITIES = 600
 N_TEST_ENTITIES = 100
-UNFAMILIAR = ("minus", "times", "age", "area")  # the demonstrator mostly gives up on these
+
+# ---- the demonstrator's mistakes, each a rate at its decision point ----
+UNFAMILIAR = ("times", "minus", "age")  # the demonstrator mostly gives up on these
+GIVE_UP = (0.6, 0.1)         # rate on questions with an unfamiliar word, on the other tool questions
+STOP_EARLY = 0.4             # multihop: answers after the first lookup
+KEY_SLIPS = {"size": "population", "headcount": "height",  # paraphrase -> the key written by mistake
+             "elevation": "elevation"}
+# The tool slips are made half the time: the warm-started base then splits about evenly at that
+# token, so a GRPO group whose rollouts reach it usually holds both choices for the reward to tell
+# apart.
+KEY_SLIP = 0.5
+EXPRESSION_SLIP = 0.5        # on the phrasings whose COMBINATIONS entry has a slipped expression
+GIVE_UP_TEXT = "I do not know. <answer>0</answer>"
+SKILL_ROLES = {"call": "reasoning", "hops": "reasoning", "key": "tool", "expression": "tool"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +86,7 @@ class Task:
     answer: str      # canonical number text
     family: str
     trajectory: str  # gold completion: reasoning, tool calls, observations, answer
+    slips: tuple = ()  # the demonstrator's mistakes on this task: (skill, rate, trajectory it writes then)
 
 
 @dataclass(frozen=True)
@@ -74,38 +121,103 @@ def _operands(rng, split, lo, hi):
             return a, b
 
 
-def _apply(op, a, b):
-    return {"+": a + b, "-": a - b, "*": a * b}[op]
+def _entities(rng, world, split, n):
+    return rng.sample(world.train_entities if split == "train" else world.test_entities, n)
+
+
+def _observe(world, entity, key):
+    """What the lookup tool answers to entity.key. The tool itself is asked only for a bad key, for
+    its error text: building one indexes every name."""
+    record = world.kb[entity]
+    return format_number(record[key]) if key in record else Lookup(world.kb)(f"{entity}.{key}")
+
+
+def _give_up_rate(question):
+    return GIVE_UP[0] if any(f" {word} " in question for word in UNFAMILIAR) else GIVE_UP[1]
+
+
+# ---- trajectories ----
+#
+# A task is a plan: the lookups to make (none for arithmetic), then the combination to compute
+# over the values (none for a single lookup). The gold trajectory follows the plan; each of the
+# demonstrator's slips follows it up to one decision and errs there, and the tools then answer
+# what was actually asked, so a slip's observations are the real ones.
+
+
+def _write(world, lookups, combination=None, numbers=(), keys=None, slip_expression=False, stop_after=None):
+    """The trajectory that looks up `lookups` [(entity, key)] (writing `keys` instead, if given),
+    then computes `combination` over `numbers` (arithmetic) or the values that came back
+    (multihop), in its gold form or the demonstrator's slipped form, and answers. A lookup that
+    returns an error ends it with the give-up text; stop_after=1 answers the first value as soon
+    as it is back."""
+    keys = keys or [key for _, key in lookups]
+    text = {0: "Compute it. ", 1: "Look it up. "}.get(len(lookups), "Look up both. ")
+    values = []
+    for (entity, _), key in zip(lookups, keys):
+        value = _observe(world, entity, key)
+        text += f"<lookup>{entity}.{key}</lookup><obs>{value}</obs>"
+        if value.startswith("error"):
+            return text + GIVE_UP_TEXT
+        values.append(value)
+        if stop_after == len(values):
+            return text + f"<answer>{value}</answer>"
+    if combination is None:
+        return text + f"<answer>{values[0]}</answer>"
+    _, gold, slipped = COMBINATIONS[combination]
+    x, y = numbers or values
+    expression = (slipped if slip_expression else gold).format(x=x, y=y)
+    result = calculator(expression)
+    text += "Now compute. " if lookups else ""
+    return text + f"<calc>{expression}</calc><obs>{result}</obs><answer>{result}</answer>"
+
+
+def _task(world, question, family, lookups, nouns=(), combination=None, numbers=()):
+    """A Task: its gold trajectory, and the demonstrator's slips in the order of their decision
+    points: giving up; per lookup its key, and before the second lookup, stopping early; the
+    expression."""
+    plan = dict(lookups=lookups, combination=combination, numbers=numbers)
+    gold = _write(world, **plan)
+    slips = [("call", _give_up_rate(question), GIVE_UP_TEXT)]
+    for i, noun in enumerate(nouns):
+        if i == 1:
+            slips.append(("hops", STOP_EARLY, _write(world, **plan, stop_after=1)))
+        if noun in KEY_SLIPS:
+            keys = [key for _, key in lookups]
+            keys[i] = KEY_SLIPS[noun]
+            slips.append(("key", KEY_SLIP, _write(world, **plan, keys=keys)))
+    if combination is not None and COMBINATIONS[combination][2] is not None:
+        slips.append(("expression", EXPRESSION_SLIP, _write(world, **plan, slip_expression=True)))
+    return Task(question, parse_answer(gold), family, gold, tuple(slips))
+
+
+def _noun(rng, attribute):
+    return rng.choice(NOUNS[attribute])
 
 
 def _arithmetic(rng, world, split):
-    word = rng.choice(list(OPERATIONS))
-    op = OPERATIONS[word][0]
-    a, b = _operands(rng, split, 10, 99)
-    result = format_number(_apply(op, a, b))
-    trajectory = f"Compute it. <calc>{a}{op}{b}</calc><obs>{result}</obs><answer>{result}</answer>"
-    return Task(f"What is {a} {word} {b}?", result, "arithmetic", trajectory)
+    name = rng.choice(list(COMBINATIONS))
+    x, y = _operands(rng, split, 10, 99)
+    words = COMBINATIONS[name][0].format(x=x, y=y)
+    return _task(world, f"What is {words}?", "arithmetic", [], combination=name, numbers=(x, y))
 
 
 def _lookup(rng, world, split):
-    entity = rng.choice(world.train_entities if split == "train" else world.test_entities)
-    attr = rng.choice(list(ATTRIBUTES))
-    value = format_number(world.kb[entity][attr])
-    trajectory = f"Look it up. <lookup>{entity}.{attr}</lookup><obs>{value}</obs><answer>{value}</answer>"
-    return Task(f"What is the {attr} of {entity}?", value, "lookup", trajectory)
+    (entity,) = _entities(rng, world, split, 1)
+    attribute = rng.choice(list(ATTRIBUTES))
+    noun = _noun(rng, attribute)
+    return _task(world, f"What is the {noun} of {entity}?", "lookup", [(entity, attribute)], [noun])
 
 
 def _multihop(rng, world, split):
-    e1, e2 = rng.sample(world.train_entities if split == "train" else world.test_entities, 2)
-    a1, a2 = rng.choice(list(ATTRIBUTES)), rng.choice(list(ATTRIBUTES))
-    word = rng.choice(["plus", "minus"])
-    op, verb = OPERATIONS[word]
-    v1, v2 = world.kb[e1][a1], world.kb[e2][a2]
-    result = format_number(_apply(op, v1, v2))
-    trajectory = (f"Look up both. <lookup>{e1}.{a1}</lookup><obs>{v1}</obs>"
-                  f"<lookup>{e2}.{a2}</lookup><obs>{v2}</obs>"
-                  f"Now {verb}. <calc>{v1}{op}{v2}</calc><obs>{result}</obs><answer>{result}</answer>")
-    return Task(f"What is the {a1} of {e1} {word} the {a2} of {e2}?", result, "multihop", trajectory)
+    while True:  # a slip must never land on the gold answer by chance (say, when v2 - v1 = v1)
+        e1, e2 = _entities(rng, world, split, 2)
+        a1, a2 = rng.choice(list(ATTRIBUTES)), rng.choice(list(ATTRIBUTES))
+        n1, n2 = _noun(rng, a1), _noun(rng, a2)
+        name = rng.choice(MULTIHOP_COMBINATIONS)
+        words = COMBINATIONS[name][0].format(x=f"the {n1} of {e1}", y=f"the {n2} of {e2}")
+        task = _task(world, f"What is {words}?", "multihop", [(e1, a1), (e2, a2)], [n1, n2], name)
+        if all(parse_answer(trajectory) != task.answer for _, _, trajectory in task.slips):
+            return task
 
 
 def _notool(rng, world, split):
@@ -122,21 +234,13 @@ def sample_task(rng, world, split, family=None):
     return _MAKERS[family or rng.choice(FAMILIES)](rng, world, split)
 
 
-def give_up_rate(task):
-    """How often the demonstrator gives up instead of calling a tool: mostly on the question
-    kinds it finds unfamiliar, sometimes on the rest, never when no tool is needed."""
-    if task.family == "notool":
-        return 0.0
-    return 0.8 if any(f" {word} " in task.question for word in UNFAMILIAR) else 0.2
-
-
 def demonstration(rng, task):
-    """What the warm start imitates: a sloppy demonstrator that, on a question needing a tool,
-    sometimes skips the tool and gives up ("I do not know. <answer>0</answer>"). The base model
-    inherits the habit; RL has to discover that calling the tool pays on every kind of question,
-    as RL teaches an instruct model to search instead of answering from memory."""
-    if rng.random() < give_up_rate(task):
-        return "I do not know. <answer>0</answer>"
+    """What the warm start imitates: at each of the task's decision points in turn, the sloppy
+    demonstrator makes its mistake there at that mistake's rate (and writes that slip's
+    trajectory); past them all, it writes the gold trajectory."""
+    for _, rate, trajectory in task.slips:
+        if rng.random() < rate:
+            return trajectory
     return task.trajectory
 
 
@@ -147,8 +251,9 @@ def test_set(world, per_family=50, seed=0):
 
 
 def tokenizer_corpus(world, n=2000, seed=0):
-    """Gold prompts and trajectories with entity names removed: a BPE trained on this learns the
-    template words as single tokens and leaves names as letters, the same for train and test."""
+    """Questions and demonstrations (the warm start's text) with entity names removed: a BPE trained
+    on this learns the template words as single tokens and leaves names as letters, the same for
+    train and test."""
     rng = random.Random(seed)
     names = re.compile("|".join(sorted(world.kb, key=len, reverse=True)))
     texts = []
@@ -156,6 +261,42 @@ def tokenizer_corpus(world, n=2000, seed=0):
         task = sample_task(rng, world, "train")
         texts.append(names.sub("", task.question + "\n" + demonstration(rng, task)))
     return texts
+
+
+# ---- judging a trajectory's decisions ----
+
+CALL = re.compile(r"<(calc|lookup)>(.*?)</\1>")
+
+
+def tool_calls(completion):
+    """[(tool, argument)] in the order written."""
+    return [(tool, argument.strip()) for tool, argument in CALL.findall(completion)]
+
+
+def judge(task, completion):
+    """Which of the task's decisions `completion` got right: {skill: True/False} for the skills
+    it reached (SKILL_ROLES). The calls are compared with the gold ones in order, up to the first
+    that differs: a differing lookup (a wrong key, or a misspelt entity) is a wrong 'key', a
+    differing calculation a wrong 'expression', no call at all a wrong 'call', and answering
+    with gold calls still to make a wrong 'hops'."""
+    gold, made = tool_calls(task.trajectory), tool_calls(completion)
+    verdict = {}
+    if not gold:
+        return verdict
+    verdict["call"] = bool(made)
+    for i, (tool, argument) in enumerate(gold):
+        skill = "key" if tool == "lookup" else "expression"
+        if i >= len(made):
+            if made:
+                verdict["hops"] = False
+            break
+        if i == 1 and tool == "lookup":
+            verdict["hops"] = True
+        right = made[i][0] == tool and made[i][1].replace(" ", "") == argument
+        verdict[skill] = verdict.get(skill, True) and right
+        if not right:
+            break
+    return verdict
 
 
 # ---- reward ----
