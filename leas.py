@@ -15,7 +15,7 @@ the same tiny world as dart.py:
     5. gradient directions: under the joint adapter, the policy gradient of a trajectory's
        reasoning tokens versus that of its tool tokens (the paper: nearly orthogonal).
 
-    python leas.py                 # all of it: 3 seeds x 3 variants x 40 RL steps, ~11 min on 2 cores
+    python leas.py                 # all of it: 3 seeds x 3 variants x 40 RL steps, ~15 min of CPU
     python leas.py grad            # only the gradient-direction analysis
     python leas.py --seeds=5       # more seeds: a tighter between-seed interval
     python leas.py --runs=DIR --steps=40 --samples=8
