@@ -39,7 +39,7 @@ def cfg_factory(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
 
     def make(**overrides):
-        # the default model with a shorter warm start (half the batch): about a minute to build. On
+        # the default model with a shorter warm start (half the batch): two to three minutes to build. On
         # the CPU even where a GPU is visible: the GPU tests below ask for it
         cfg = dart.Config(cache_dir=cache, base_batch=16, eval_per_family=4, eval_every=1000, save_every=1000,
                           questions_per_step=4, group_size=4, max_new_tokens=64, device="cpu")
