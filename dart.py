@@ -1677,10 +1677,10 @@ def showcase(policy, registry, test, cfg):
     """The trajectory to show: a test question needing two lookups and a calculation, worded so
     that the warm start's demonstrator often writes a wrong tool call for it (a paraphrase mapped
     to the wrong key, or a miscomposed expression): the first such question the policy answers
-    right, greedily, or the first one, marked wrong. Returned with the demonstrator's wrong call,
-    which earns no reward: this is what the tool adapter had to learn."""
-    tricky = [t for t in test if t.family == "multihop" and
-              any(toy_tasks.SKILL_ROLES[skill] == "tool" for skill, _, _ in t.slips)]
+    right, greedily, or the first one, marked wrong. (Any multihop question where a small test
+    split holds none of these.)"""
+    multihop = [t for t in test if t.family == "multihop"]
+    tricky = [t for t in multihop if slipped_call(t)] or multihop
     batch = rollout(policy, registry, [prompt_ids(policy.tok, t.question) for t in tricky], cfg, temperature=0)
     verdicts = [verdict(text, t, n) for text, t, n in zip(batch.texts, tricky, batch.invalid_calls)]
     row = verdicts.index("right") if "right" in verdicts else 0
@@ -1688,8 +1688,11 @@ def showcase(policy, registry, test, cfg):
 
 
 def slipped_call(task):
-    """The demonstrator's first tool-role mistake on `task`: the call it writes instead of the gold one."""
-    _, _, trajectory = next(slip for slip in task.slips if toy_tasks.SKILL_ROLES[slip[0]] == "tool")
+    """The demonstrator's first tool-role mistake on `task`, which earns no reward: the call it
+    writes instead of the gold one (what the tool adapter has to learn); None if it makes none."""
+    trajectory = next((t for skill, _, t in task.slips if toy_tasks.SKILL_ROLES[skill] == "tool"), None)
+    if trajectory is None:
+        return None
     gold = toy_tasks.tool_calls(task.trajectory)
     tool, argument = next(call for call, right in zip(toy_tasks.tool_calls(trajectory), gold) if call != right)
     return f"<{tool}>{argument}</{tool}>"
@@ -1700,9 +1703,10 @@ def print_report(run_dir, table, curve, policy, registry, test, cfg):
     colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     legend = " ".join(f"{COLOURS[w]}{w}{RESET}" if colour else w for w in COLOURS)
     print(f"\n{table}\n\ntrain reward  {curve}\n")
+    slip = slipped_call(example)
     print(f"a multihop test question, answered greedily ({legend}):\n  {example.question}\n  "
           f"{render_trajectory(policy, batch, row, colour)}\n  gold: {example.answer} ({judged})\n"
-          f"  the warm start's demonstrator often writes {slipped_call(example)} here: a wrong call, no reward\n")
+          + (f"  the warm start's demonstrator often writes {slip} here: a wrong call, no reward\n" if slip else ""))
     print(f"run directory: {run_dir}")
 
 

@@ -265,6 +265,16 @@ def test_skill_rates_judge_only_the_decisions_reached():
         assert rates[f"skill_{skill}"] == 0.0 and rates["skill_call"] == 1.0
 
 
+def test_slipped_call_is_the_demonstrators_wrong_tool_call():
+    tasks = sample_tasks(400, split="test", seed=10)
+    for task in tasks:
+        slip = dart.slipped_call(task)
+        if any(toy_tasks.SKILL_ROLES[skill] == "tool" for skill, _, _ in task.slips):
+            assert slip and slip not in task.trajectory and any(slip in text for _, _, text in task.slips)
+        else:
+            assert slip is None
+
+
 @pytest.mark.parametrize("completion, expected", [
     ("I do not know. <answer>0</answer>", {"call": False}),
     ("<lookup>Avalon.population</lookup><obs>5</obs><answer>5</answer>", {"call": True, "key": False}),
