@@ -230,6 +230,7 @@ def lora_dropout_on(model):
             d.eval()
 # <<< DART layer
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -1313,16 +1314,86 @@ def add_tag_tokens(model, tok):
                 matrix[tok.convert_tokens_to_ids(tag)] = matrix[ids].mean(0)
 
 
+# The warm start's memory. Training every weight with AdamW holds 16 bytes a parameter (float32
+# weight, gradient and two moments): 7.9 GB for Qwen2.5-0.5B's 494M parameters before any
+# activation, more than a laptop GPU's 8 GB. So on a GPU the warm start trains a copy of the model
+# held in bfloat16 (494M x 2 bytes = 1.0 GB), frozen, with a rank-64 LoRA on every linear layer
+# (35M float32 parameters x 16 bytes = 0.6 GB) and the tags' embedding rows as the only trainable
+# weights; then activations (~1.5 GB for 8 rows of ~150 tokens) and the vocabulary's logits and
+# their gradient (~3 GB: 8 x 150 x 151,936 in bfloat16 and float32), about 6 GB in all. The LoRA is
+# then merged, in float32, into the original weights, which never left the CPU: the cached base is
+# an ordinary float32 HF model either way.
+WARM_LORA_RANK, WARM_LORA_ALPHA = 64, 128.0
+WARM_LORA_LR_FACTOR = 10  # LoRA's best learning rate is about 10x that of training every weight
+
+
+def warm_weights(cfg, device):
+    """What the warm start of a --model trains: "all" weights, or a "lora" and the tags' rows
+    (auto: lora on CUDA, where memory is scarce; all elsewhere)."""
+    if cfg.warm_weights != "auto":
+        return cfg.warm_weights
+    return "lora" if device.startswith("cuda") else "all"
+
+
+def trainable_tag_rows(model, tag_ids):
+    """The tags' rows of the input and output embeddings as parameters of their own, put in place
+    by forward hooks: training them needs no gradient or AdamW moments for the whole vocabulary
+    (151,936 x 896 for Qwen2.5-0.5B). Returns (input rows, output rows): one parameter when the
+    embeddings are tied."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    ids = torch.tensor(tag_ids, device=embed.weight.device)
+    rows_in = nn.Parameter(embed.weight[ids].detach().float().clone())
+    rows_out = rows_in if head.weight is embed.weight else nn.Parameter(head.weight[ids].detach().float().clone())
+    slot = torch.full(embed.weight.shape[:1], -1, device=ids.device)  # token id -> its tag's row, or -1
+    slot[ids] = torch.arange(len(ids), device=ids.device)
+
+    def embed_rows(module, args, out):
+        tag = slot[args[0]]
+        return torch.where(tag[..., None] >= 0, rows_in[tag.clamp(min=0)].to(out.dtype), out)
+
+    def head_rows(module, args, out):
+        return out.index_copy(-1, ids, F.linear(args[0], rows_out).to(out.dtype))
+
+    embed.register_forward_hook(embed_rows)
+    head.register_forward_hook(head_rows)
+    return rows_in, rows_out
+
+
+def lora_warm_start(model, tok, cfg, device, amp_dtype):
+    """The warm start in the memory of a small GPU (see above): a frozen copy of `model` on
+    `device` in the autocast dtype trains a rank-64 LoRA and the tags' rows; both are then written
+    into `model` (float32, on the CPU): W += (alpha / rank) B A, and the rows."""
+    student = copy.deepcopy(model).to(device, amp_dtype or torch.float32)
+    routing = attach_dart(student, WARM_LORA_RANK, WARM_LORA_ALPHA, mode="joint", seed=cfg.base_seed)
+    routing.route(torch.tensor(REASONING, device=device))  # joint: one block, the same gate for every token
+    tag_ids = tok.convert_tokens_to_ids(TAGS)
+    rows_in, rows_out = trainable_tag_rows(student, tag_ids)
+    rows = [rows_in] if rows_out is rows_in else [rows_in, rows_out]
+    imitate_demonstrations(student.train(), tok, trainable(student) + rows, cfg.warm_start, cfg.warm_batch,
+                           cfg.warm_lr * WARM_LORA_LR_FACTOR, cfg.base_seed,
+                           f"warm start ({cfg.model}, LoRA rank {WARM_LORA_RANK})", device, amp_dtype)
+    with torch.no_grad():
+        for name, layer in student.named_modules():
+            if isinstance(layer, DartLinear):
+                model.get_submodule(name).weight += (routing.scale * layer.lora_B @ layer.lora_A).cpu()
+        model.get_input_embeddings().weight[tag_ids] = rows_in.cpu()
+        model.get_output_embeddings().weight[tag_ids] = rows_out.cpu()
+    return model
+
+
 def build_hf_base(cfg, device):
     """--model with the tags added, warm-started for cfg.warm_start steps (0: none). All weights
-    train, the new tags' embedding rows among them: without those rows the model cannot learn to
-    write a tag."""
+    train, or (--warm_weights=lora, the default on CUDA) a LoRA and the new tags' embedding rows:
+    either way those rows train, without them the model cannot learn to write a tag."""
     model, tok = hf_model(cfg.model)
     if cfg.warm_start > 0:
         torch.manual_seed(cfg.base_seed)
+        amp_dtype = autocast_dtypes(cfg, device)[1]
+        if warm_weights(cfg, device) == "lora":
+            return lora_warm_start(model, tok, cfg, device, amp_dtype).eval(), tok
         imitate_demonstrations(model.to(device).train(), tok, list(model.parameters()), cfg.warm_start,
                                cfg.warm_batch, cfg.warm_lr, cfg.base_seed, f"warm start ({cfg.model})", device,
-                               autocast_dtypes(cfg, device)[1])
+                               amp_dtype)
     return model.eval(), tok
 
 
@@ -1349,7 +1420,8 @@ def base_key(cfg):
     else:
         key = {"model": cfg.model, "fingerprint": folder_fingerprint(cfg.model), "base_seed": cfg.base_seed,
                "warm_dtype": str(autocast_dtypes(cfg, resolve_device(cfg))[1]),
-               **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("warm_")}}
+               **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("warm_")},
+               "warm_weights": warm_weights(cfg, resolve_device(cfg))}
     key["world"] = short_hash(world.kb)
     key["tasks"] = short_hash(toy_tasks.tokenizer_corpus(world))  # the warm start's texts: every rate counts
     key["tags"] = TAGS
@@ -1522,7 +1594,10 @@ class Config:
     # the supervised format warm start of a --model, cached with it (the tiny base has its own)
     warm_start: int = option(60, "--model: warm-start steps on demonstrations before RL (0 = none)", at_least(0))
     warm_batch: int = option(8, "--model: warm-start batch size", at_least(1))
-    warm_lr: float = option(1e-4, "--model: warm-start learning rate", above(0))
+    warm_lr: float = option(1e-4, "--model: warm-start learning rate (the LoRA warm start uses 10x)", above(0))
+    warm_weights: str = option("auto", "--model: what the warm start trains: all (AdamW: 16 bytes a parameter, "
+                                       "8 GB for a 0.5B model) or lora (rank 64, merged after, and the tags' rows: "
+                                       "~6 GB); auto = lora on CUDA, all elsewhere", one_of("auto", "all", "lora"))
     cache_dir: str = option("runs/cache", "where warm-started bases are cached")
     cached_base: str = option("", "the cached base a run trains on; set by the run and recorded in its config.json, "
                                   "so that --resume and --export_peft use it even on another device")

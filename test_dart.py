@@ -1756,3 +1756,88 @@ def test_warm_start_of_an_hf_model_teaches_the_format_and_is_cached(small_hf_fol
     monkeypatch.setattr(dart, "imitate_demonstrations", lambda *args, **kwargs: pytest.fail("the cached base was not reused"))
     again = dart.load_policy(cfg)
     assert all(torch.equal(a, b) for a, b in zip(warm.model.state_dict().values(), again.model.state_dict().values()))
+
+
+# ---------------------------------------------------------------------------
+# the warm start in the memory of a small GPU: a LoRA and the tags' rows, merged after
+
+
+def tiny_llama(tok, tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=tied))
+    dart.add_tag_tokens(model, tok)
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_warm_start_leaves_a_plain_model_that_computes_what_its_trained_copy_did(small_hf_folder, tied,
+                                                                                        monkeypatch):
+    """The small-memory warm start trains a LoRA and the tags' rows on a frozen copy, then writes
+    them into the float32 model: the plain model left computes what the trained copy did (tied or
+    untied embeddings), only the tags' rows of the embeddings changed, and the optimizer was given
+    no parameter of the vocabulary's size."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(small_hf_folder)
+    model = tiny_llama(tok, tied)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.tensor([tok.encode("Look up both. <lookup>Pizu.height</lookup><obs>66</obs><answer>66</answer>",
+                                   add_special_tokens=False)])
+    trained = {}
+
+    def fake_training(student, tok, params, *args, **kwargs):  # every trainable tensor moves somewhere random
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.1)
+            trained["logits"] = student(input_ids=ids).logits
+        trained["shapes"] = [tuple(p.shape) for p in params]
+        return student
+    monkeypatch.setattr(dart, "imitate_demonstrations", fake_training)
+    dart.lora_warm_start(model, tok, dart.Config(warm_start=1), "cpu", None)
+
+    assert not any(isinstance(m, dart.DartLinear) for m in model.modules())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    assert (len(dart.TAGS), 32) in trained["shapes"] and not any(vocab_rows in shape for shape in trained["shapes"])
+    torch.testing.assert_close(model(input_ids=ids).logits, trained["logits"], rtol=1e-4, atol=1e-4)
+    tags = tok.convert_tokens_to_ids(dart.TAGS)
+    others = [i for i in range(len(tok)) if i not in tags]
+    for name, p in model.named_parameters():
+        if "embed" in name or "lm_head" in name:
+            assert torch.equal(p[others], before[name][others]) and not torch.equal(p[tags], before[name][tags])
+        elif "norm" not in name:
+            assert not torch.equal(p, before[name]), name  # every linear layer got its LoRA merged
+
+
+def test_the_warm_start_trains_a_lora_on_cuda_every_weight_elsewhere_and_caches_them_apart(small_hf_folder,
+                                                                                            cfg_factory):
+    cfg = cfg_factory(model=str(small_hf_folder), warm_start=2, lora_rank=4)
+    assert dart.warm_weights(cfg, "cuda") == "lora" and dart.warm_weights(cfg, "cpu") == "all"
+    lora = dataclasses.replace(cfg, warm_weights="lora")
+    assert dart.warm_weights(lora, "cpu") == "lora" and dart.base_path(lora) != dart.base_path(cfg)
+    policy = dart.load_policy(lora)
+    assert os.path.exists(os.path.join(dart.base_path(lora), "base.json"))
+    assert sum(isinstance(m, dart.DartLinear) for m in policy.model.modules()) == 14  # the RL's own, no more
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_warm_start_of_a_half_billion_parameter_model_fits_in_8_gb(small_hf_folder):
+    """The warm start on CUDA of a random model with Qwen2.5-0.5B's shapes (494M parameters, a
+    151,936-row vocabulary; built from a config, nothing downloaded) peaks under 8 GB of GPU
+    memory. The tokenizer is the small test one: the logits have Qwen's width all the same."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    tok = AutoTokenizer.from_pretrained(small_hf_folder)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                         tie_word_embeddings=True))
+    assert 480e6 < sum(p.numel() for p in model.parameters()) < 500e6
+    dart.add_tag_tokens(model, tok)
+    cfg = dart.Config(model="qwen2.5-0.5b-shapes", warm_start=3, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    dart.lora_warm_start(model, tok, cfg, "cuda", torch.bfloat16)
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9
+    print(f"peak GPU memory of the warm start: {peak_gb:.2f} GB")
+    assert peak_gb <= 8, peak_gb
