@@ -275,6 +275,25 @@ def test_slipped_call_is_the_demonstrators_wrong_tool_call():
             assert slip is None
 
 
+def test_the_report_shows_a_multihop_trajectory_and_the_demonstrators_wrong_call(make_policy, capsys):
+    """The end-of-run report prints the results table and reward curve it is given, then a multihop
+    test question answered greedily, its gold answer and verdict, and the demonstrator's wrong
+    tool call for it; from a split with no such question, any multihop question, without that line."""
+    policy, cfg = make_policy("dart")
+    test = toy_tasks.test_set(WORLD, 10)
+    plain = [t for t in test if dart.slipped_call(t) is None]
+    assert any(t.family == "multihop" for t in plain)
+    for split in (test, plain):
+        example, _, _, judged = dart.showcase(policy, REGISTRY, split, cfg)
+        dart.print_report("RUN", "TABLE", "CURVE", policy, REGISTRY, split, cfg)
+        out = capsys.readouterr().out
+        assert out.startswith("\nTABLE\n\ntrain reward  CURVE\n") and out.endswith("run directory: RUN\n")
+        assert example.family == "multihop" and f"{example.question}\n" in out
+        assert f"gold: {example.answer} ({judged})" in out and "\x1b[" not in out  # no colour off a terminal
+        slip = dart.slipped_call(example)
+        assert (split is test) == bool(slip) and (f"often writes {slip} here" in out) == bool(slip)
+
+
 @pytest.mark.parametrize("completion, expected", [
     ("I do not know. <answer>0</answer>", {"call": False}),
     ("<lookup>Avalon.population</lookup><obs>5</obs><answer>5</answer>", {"call": True, "key": False}),
