@@ -1339,7 +1339,7 @@ def trainable_tag_rows(model, tag_ids):
     """The tags' rows of the input and output embeddings as parameters of their own, put in place
     by forward hooks: training them needs no gradient or AdamW moments for the whole vocabulary
     (151,936 x 896 for Qwen2.5-0.5B). Returns (input rows, output rows): one parameter when the
-    embeddings are tied."""
+    embeddings are tied. The hooks stay on `model`: call it on a copy that is thrown away after."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     ids = torch.tensor(tag_ids, device=embed.weight.device)
     rows_in = nn.Parameter(embed.weight[ids].detach().float().clone())
@@ -1421,7 +1421,7 @@ def base_key(cfg):
         key = {"model": cfg.model, "fingerprint": folder_fingerprint(cfg.model), "base_seed": cfg.base_seed,
                "warm_dtype": str(autocast_dtypes(cfg, resolve_device(cfg))[1]),
                **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("warm_")},
-               "warm_weights": warm_weights(cfg, resolve_device(cfg))}
+               "warm_weights": warm_weights(cfg, resolve_device(cfg))}  # auto, resolved for this device
     key["world"] = short_hash(world.kb)
     key["tasks"] = short_hash(toy_tasks.tokenizer_corpus(world))  # the warm start's texts: every rate counts
     key["tags"] = TAGS
