@@ -1335,6 +1335,19 @@ def warm_weights(cfg, device):
     return "lora" if device.startswith("cuda") else "all"
 
 
+def embedding_scale(embed, ids):
+    """The factor by which the input embedding module multiplies a row: 1 for most models,
+    sqrt(hidden size) inside Gemma's. Measured on the rows `ids`; a module that does anything
+    other than scale its rows is refused, since the warm start's hook could not stand in for it."""
+    with torch.no_grad():
+        rows, out = embed.weight[ids].float(), embed(ids).float()
+        scale = ((out * rows).sum() / (rows * rows).sum()).item()
+    if not torch.allclose(out, scale * rows, rtol=1e-2, atol=1e-2 * out.abs().max().item()):
+        raise DartError(f"the input embedding ({type(embed).__name__}) does more than scale its rows, so "
+                        f"--warm_weights=lora cannot train the tags' rows; use --warm_weights=all")
+    return scale
+
+
 def trainable_tag_rows(model, tag_ids):
     """The tags' rows of the input and output embeddings as parameters of their own, put in place
     by forward hooks: training them needs no gradient or AdamW moments for the whole vocabulary
@@ -1344,12 +1357,13 @@ def trainable_tag_rows(model, tag_ids):
     ids = torch.tensor(tag_ids, device=embed.weight.device)
     rows_in = nn.Parameter(embed.weight[ids].detach().float().clone())
     rows_out = rows_in if head.weight is embed.weight else nn.Parameter(head.weight[ids].detach().float().clone())
+    scale = embedding_scale(embed, ids)
     slot = torch.full(embed.weight.shape[:1], -1, device=ids.device)  # token id -> its tag's row, or -1
     slot[ids] = torch.arange(len(ids), device=ids.device)
 
-    def embed_rows(module, args, out):
+    def embed_rows(module, args, out):  # the rows as the module's own computation would output them
         tag = slot[args[0]]
-        return torch.where(tag[..., None] >= 0, rows_in[tag.clamp(min=0)].to(out.dtype), out)
+        return torch.where(tag[..., None] >= 0, (scale * rows_in[tag.clamp(min=0)]).to(out.dtype), out)
 
     def head_rows(module, args, out):
         return out.index_copy(-1, ids, F.linear(args[0], rows_out).to(out.dtype))
