@@ -294,14 +294,28 @@ def test_the_report_shows_a_multihop_trajectory_and_the_demonstrators_wrong_call
         assert (split is test) == bool(slip) and (f"often writes {slip} here" in out) == bool(slip)
 
 
-@pytest.mark.parametrize("completion, expected", [
-    ("I do not know. <answer>0</answer>", {"call": False}),
-    ("<lookup>Avalon.population</lookup><obs>5</obs><answer>5</answer>", {"call": True, "key": False}),
-    ("<lookup>Avalon.area</lookup><obs>12</obs><answer>12</answer>", {"call": True, "key": True}),
+SIZE_OF_AVALON = toy_tasks.Task("What is the size of Avalon?", "12", "lookup",
+                                "Look it up. <lookup>Avalon.area</lookup><obs>12</obs><answer>12</answer>")
+TWO_HOPS = toy_tasks.Task("What is the size of Avalon plus the age of Kalo?", "42", "multihop",
+                          "Look up both. <lookup>Avalon.area</lookup><obs>12</obs><lookup>Kalo.age</lookup>"
+                          "<obs>30</obs>Now compute. <calc>12+30</calc><obs>42</obs><answer>42</answer>")
+
+
+@pytest.mark.parametrize("task, completion, expected", [
+    (SIZE_OF_AVALON, "I do not know. <answer>0</answer>", {"call": False}),
+    (SIZE_OF_AVALON, "<lookup>Avalon.population</lookup><obs>5</obs><answer>5</answer>", {"call": True, "key": False}),
+    (SIZE_OF_AVALON, "<lookup>Avalon.area</lookup><obs>12</obs><answer>12</answer>", {"call": True, "key": True}),
+    # which tool to call is a reasoning decision, never charged to the tool role
+    (SIZE_OF_AVALON, "<calc>12</calc><obs>12</obs><answer>12</answer>", {"call": False}),
+    (TWO_HOPS, "<lookup>Avalon.area</lookup><obs>12</obs><answer>12</answer>", {"call": True, "key": True,
+                                                                                "hops": False}),
+    (TWO_HOPS, "<lookup>Avalon.area</lookup><obs>12</obs><calc>12+30</calc><obs>42</obs><answer>42</answer>",
+     {"call": True, "key": True, "hops": False}),
+    (TWO_HOPS, TWO_HOPS.trajectory, {"call": True, "key": True, "hops": True, "expression": True}),
+    (TWO_HOPS, TWO_HOPS.trajectory.replace("Kalo.age", "Kalo.antiquity"), {"call": True, "key": False,
+                                                                           "hops": True}),
 ])
-def test_judge_on_hand_written_completions(completion, expected):
-    task = toy_tasks.Task("What is the size of Avalon?", "12", "lookup",
-                          "Look it up. <lookup>Avalon.area</lookup><obs>12</obs><answer>12</answer>")
+def test_judge_on_hand_written_completions(task, completion, expected):
     assert toy_tasks.judge(task, completion) == expected
 
 

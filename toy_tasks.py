@@ -17,7 +17,9 @@ the role rule (dart.py) the decision to call a tool (which one, and when to stop
 the answer are reasoning tokens; what is written inside a call (the key to look up, the
 expression to compute) is tool tokens. The demonstrator errs in both roles:
 
-    role       skill       the demonstrator's mistake
+    role       skill       the demonstrator's mistake (judge() also counts, as the same skill, a
+                           call to another tool than the plan's next one: choosing the tool is
+                           a reasoning decision too)
     reasoning  call        gives up ("I do not know. <answer>0</answer>") instead of calling a
                            tool, mostly on question kinds it finds unfamiliar
     reasoning  hops        answers a multihop question with the first value it looked up
@@ -276,24 +278,23 @@ def tool_calls(completion):
 def judge(task, completion):
     """Which of the task's decisions `completion` got right: {skill: True/False} for the skills
     it reached (SKILL_ROLES). The calls are compared with the gold ones in order, up to the first
-    that differs: a differing lookup (a wrong key, or a misspelt entity) is a wrong 'key', a
-    differing calculation a wrong 'expression', no call at all a wrong 'call', and answering
-    with gold calls still to make a wrong 'hops'."""
+    that differs. Whether to call and which tool to call are reasoning decisions: no call, or a
+    first call to another tool than gold's, is a wrong 'call'; after the first call, answering
+    with gold calls still to make, or calling another tool than the next gold one, is a wrong
+    'hops'. What is written inside a call of the right tool is the tool role's: a differing lookup
+    (a wrong key, or a misspelt entity) is a wrong 'key', a differing calculation a wrong
+    'expression'."""
     gold, made = tool_calls(task.trajectory), tool_calls(completion)
     verdict = {}
-    if not gold:
-        return verdict
-    verdict["call"] = bool(made)
     for i, (tool, argument) in enumerate(gold):
-        skill = "key" if tool == "lookup" else "expression"
-        if i >= len(made):
-            if made:
-                verdict["hops"] = False
+        order = "call" if i == 0 else "hops"
+        if i >= len(made) or made[i][0] != tool:
+            verdict[order] = False
             break
-        if i == 1 and tool == "lookup":
-            verdict["hops"] = True
-        right = made[i][0] == tool and made[i][1].replace(" ", "") == argument
-        verdict[skill] = verdict.get(skill, True) and right
+        verdict[order] = True
+        contents = "key" if tool == "lookup" else "expression"
+        right = made[i][1].replace(" ", "") == argument
+        verdict[contents] = verdict.get(contents, True) and right
         if not right:
             break
     return verdict
