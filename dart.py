@@ -422,9 +422,9 @@ def observation_ids(tok, special, text, max_tokens):
     return [special.obs] + tok.encode(text, add_special_tokens=False)[:max_tokens] + [special.obs_end]
 
 
-def trajectory_ids(tok, special, trajectory, max_obs_tokens=None):
+def trajectory_ids(tok, special, trajectory, max_obs_tokens):
     """A written-out trajectory as (token ids, written-by-policy 0/1 list): the observations are
-    tokenized by observation_ids, exactly as the environment would insert them."""
+    tokenized by observation_ids and cut to max_obs_tokens, exactly as the environment inserts them."""
     ids, written = [], []
     rest = trajectory
     while rest:
@@ -485,14 +485,14 @@ def env_step(state, token, policy, registry, cfg):
     result = None
     if token in special.opens:
         if state.tool is not None:
-            result = "error: a tool call cannot contain another"
+            result = "error: calls cannot nest"
         elif state.calls >= cfg.max_tool_calls:
             result = f"error: at most {cfg.max_tool_calls} tool calls"
         else:
             state.tool, state.argument = special.opens[token], []
     elif token in special.closes:
         if state.tool != special.closes[token]:
-            result = "error: closing tag without an open call"
+            result = "error: no open call"
         else:
             state.calls += 1
             result = tools.run_tool(registry, state.tool, policy.tok.decode(state.argument))
@@ -501,7 +501,7 @@ def env_step(state, token, policy, registry, cfg):
     elif state.tool is not None:
         state.argument.append(token)
         if len(state.argument) > cfg.max_arg_tokens:
-            result = f"error: tool call longer than {cfg.max_arg_tokens} tokens"
+            result = f"error: call over {cfg.max_arg_tokens} tokens"
     if result is not None:
         state.tool = None
         state.observations += 1
@@ -1231,7 +1231,8 @@ def new_tiny_model(cfg, tok):
     return LlamaForCausalLM(config)
 
 
-def imitate_demonstrations(model, tok, params, steps, batch_size, lr, seed, desc, device="cpu", amp_dtype=None):
+def imitate_demonstrations(model, tok, params, steps, batch_size, lr, seed, desc, max_obs_tokens, device="cpu",
+                           amp_dtype=None):
     """The supervised warm start: train `params` on the demonstrator's trajectories, with the loss
     on the tokens the policy writes. Short on purpose: the base should know the format but leave
     room for RL (the paper starts from an instruct model, not from an expert)."""
@@ -1248,7 +1249,7 @@ def imitate_demonstrations(model, tok, params, steps, batch_size, lr, seed, desc
         for _ in range(batch_size):
             task = toy_tasks.sample_task(rng, world, "train")
             prompt = prompt_ids(tok, task.question)
-            ids, written = trajectory_ids(tok, special, toy_tasks.demonstration(rng, task))
+            ids, written = trajectory_ids(tok, special, toy_tasks.demonstration(rng, task), max_obs_tokens)
             rows.append(prompt + ids)
             targets.append([0] * len(prompt) + written)
         ids, attention = pad_rows(rows, special.pad, "right", device)
@@ -1271,7 +1272,7 @@ def build_tiny_base(cfg, device):
     torch.manual_seed(cfg.base_seed)
     model = new_tiny_model(cfg, tok).to(device)
     return imitate_demonstrations(model, tok, list(model.parameters()), cfg.base_steps, cfg.base_batch, cfg.base_lr,
-                                  cfg.base_seed, "warm start (tiny base)", device), tok
+                                  cfg.base_seed, "warm start (tiny base)", cfg.max_obs_tokens, device), tok
 
 
 def looks_like_path(name):
@@ -1385,7 +1386,8 @@ def lora_warm_start(model, tok, cfg, device, amp_dtype):
     rows = [rows_in] if rows_out is rows_in else [rows_in, rows_out]
     imitate_demonstrations(student.train(), tok, trainable(student) + rows, cfg.warm_start, cfg.warm_batch,
                            cfg.warm_lr * WARM_LORA_LR_FACTOR, cfg.base_seed,
-                           f"warm start ({cfg.model}, LoRA rank {WARM_LORA_RANK})", device, amp_dtype)
+                           f"warm start ({cfg.model}, LoRA rank {WARM_LORA_RANK})", cfg.max_obs_tokens, device,
+                           amp_dtype)
     with torch.no_grad():
         for name, layer in student.named_modules():
             if isinstance(layer, DartLinear):
@@ -1406,8 +1408,8 @@ def build_hf_base(cfg, device):
         if warm_weights(cfg, device) == "lora":
             return lora_warm_start(model, tok, cfg, device, amp_dtype).eval(), tok
         imitate_demonstrations(model.to(device).train(), tok, list(model.parameters()), cfg.warm_start,
-                               cfg.warm_batch, cfg.warm_lr, cfg.base_seed, f"warm start ({cfg.model})", device,
-                               amp_dtype)
+                               cfg.warm_batch, cfg.warm_lr, cfg.base_seed, f"warm start ({cfg.model})",
+                               cfg.max_obs_tokens, device, amp_dtype)
     return model.eval(), tok
 
 
@@ -1439,6 +1441,7 @@ def base_key(cfg):
     key["world"] = short_hash(world.kb)
     key["tasks"] = short_hash(toy_tasks.tokenizer_corpus(world))  # the warm start's texts: every rate counts
     key["tags"] = TAGS
+    key["max_obs_tokens"] = cfg.max_obs_tokens  # the demonstrations' observations are cut as the rollout's
     return key
 
 
@@ -1591,7 +1594,7 @@ class Config:
     max_new_tokens: int = option(80, "tokens per response, observations included", at_least(1))
     max_tool_calls: int = option(4, "tool calls per response", at_least(0))
     max_arg_tokens: int = option(24, "tokens in one tool call's argument", at_least(1))
-    max_obs_tokens: int = option(16, "tokens of one observation", at_least(1))
+    max_obs_tokens: int = option(24, "tokens of one observation (the warm start's are cut alike)", at_least(1))
     # evaluation and checkpoints
     eval_every: int = option(20, "RL steps between greedy test evaluations", at_least(1))
     eval_per_family: int = option(50, "test questions per task family", at_least(1))

@@ -9,6 +9,7 @@ boundary between untrusted model output and the environment.
 import ast
 import bisect
 import math
+import os
 
 MAX_EXPR_CHARS = 200      # longer expressions are refused before parsing
 MAX_DEPTH = 32            # nesting depth of the expression tree
@@ -89,7 +90,7 @@ def calculator(expr):
         return f"error: expression longer than {MAX_EXPR_CHARS} characters"
     bad = sorted(set(expr) - ALLOWED_CHARS)
     if bad:
-        return f"error: unexpected character {bad[0]!r}"
+        return f"error: bad character {bad[0]!r}"
     try:
         tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -104,7 +105,8 @@ def calculator(expr):
 
 class Lookup:
     """Answers 'Entity.attribute' from kb = {entity: {attribute: value}}; case and spaces are
-    forgiven, and an unknown name gets the alphabetically nearest names as a hint."""
+    forgiven. An unknown entity gets the alphabetically nearest name as a hint, an unknown
+    attribute the list of attributes: short, since the environment cuts each observation."""
 
     def __init__(self, kb):
         self.kb = kb
@@ -113,14 +115,15 @@ class Lookup:
 
     def __call__(self, key):
         if not isinstance(key, str) or key.count(".") != 1:
-            return "error: write Entity.attribute, e.g. Avalon.population"
+            return "error: write Entity.attribute"
         entity, attribute = (part.strip().lower() for part in key.split("."))
         if entity not in self.names:
-            i = bisect.bisect_left(self.ordered, entity)
-            return "error: unknown entity; near it: " + ", ".join(self.names[n] for n in self.ordered[max(0, i - 1):i + 2])
+            i = bisect.bisect_left(self.ordered, entity)  # the names on either side, in alphabetical order
+            nearest = max(self.ordered[max(0, i - 1):i + 1], key=lambda name: len(os.path.commonprefix([name, entity])))
+            return f"error: no entity; try {self.names[nearest]}"
         record = self.kb[self.names[entity]]
         if attribute not in record:
-            return f"error: {self.names[entity]} has no such attribute; it has " + ", ".join(record)
+            return "error: attributes are " + ", ".join(record)
         return format_number(record[attribute])
 
 
