@@ -167,24 +167,28 @@ class DartLinear(nn.Module):
         return y + F.linear(hidden * gate, self.lora_B)
 
 
+def linear_names(model):
+    """The names the model's linear layers go by (q_proj, ...): what `targets` may name."""
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
 def attach_dart(model, lora_rank=8, alpha=16.0, targets=ATTENTION_AND_MLP, mode="dart", dropout=0.0, seed=0):
     """Freeze the model and wrap every linear named in `targets` in a DartLinear. Returns the
     Routing: set its gate with routing.route(roles) before each forward."""
     if mode not in BLOCK_GATES:
         raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)}")
+    if missing := sorted(set(targets) - linear_names(model)):
+        raise ValueError(f"no linear layer named {missing[0]} in this model; its linear layers are "
+                         f"{', '.join(sorted(linear_names(model)))}")
     for p in model.parameters():
         p.requires_grad_(False)
     device = next(model.parameters()).device
     routing = Routing(mode, lora_rank, alpha, device)
     generator = torch.Generator().manual_seed(seed)  # A's initialization is part of the seed
-    wrapped = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
                 setattr(module, child_name, DartLinear(child, routing, dropout, mode == "mixlora", generator))
-                wrapped += 1
-    if wrapped == 0:
-        raise ValueError(f"no linear layer named any of {', '.join(targets)} in this model")
     model.eval()  # the frozen base never drops anything; lora_dropout_on() enables LoRA dropout in updates
     return routing
 
@@ -363,10 +367,11 @@ class Policy:
     @contextlib.contextmanager
     def update_precision(self):
         """Forwards inside run at the update's precision (train_dtype). The frozen linear weights
-        are held in the sampling precision; when the update's differs, they are cast once here
-        instead of by autocast in every forward of every micro-batch. Autocast would make the same
-        cast, so the numbers are identical; the price is a second copy of those weights during the
-        update."""
+        are held in the sampling precision; when the update's is lower (float32 sampling, a
+        bfloat16 update), they are cast down once here instead of by autocast in every forward of
+        every micro-batch: autocast would make the same cast, so the numbers are identical, and the
+        price is a second copy of those weights during the update. The other way round (bfloat16
+        sampling, a float32 update) is refused by autocast_dtypes: the float32 originals are gone."""
         held, wanted = self.amp_dtype or torch.float32, self.train_dtype or torch.float32
         restore = hold_frozen_linears(self.model, wanted) if wanted != held else (lambda: None)
         self.in_update = True
@@ -1378,8 +1383,12 @@ def lora_warm_start(model, tok, cfg, device, amp_dtype):
     """The warm start in the memory of a small GPU (see above): a frozen copy of `model` on
     `device` in the autocast dtype trains a rank-64 LoRA and the tags' rows; both are then written
     into `model` (float32, on the CPU): W += (alpha / rank) B A, and the rows."""
+    targets = [name for name in ATTENTION_AND_MLP if name in linear_names(model)]
+    if not targets:
+        raise DartError(f"--model={cfg.model} has no linear layer named {', '.join(ATTENTION_AND_MLP)} for the LoRA "
+                        f"warm start; use --warm_weights=all")
     student = copy.deepcopy(model).to(device, amp_dtype or torch.float32)
-    routing = attach_dart(student, WARM_LORA_RANK, WARM_LORA_ALPHA, mode="joint", seed=cfg.base_seed)
+    routing = attach_dart(student, WARM_LORA_RANK, WARM_LORA_ALPHA, targets, mode="joint", seed=cfg.base_seed)
     routing.route(torch.tensor(REASONING, device=device))  # joint: one block, the same gate for every token
     tag_ids = tok.convert_tokens_to_ids(TAGS)
     rows_in, rows_out = trainable_tag_rows(student, tag_ids)
@@ -1402,6 +1411,9 @@ def build_hf_base(cfg, device):
     train, or (--warm_weights=lora, the default on CUDA) a LoRA and the new tags' embedding rows:
     either way those rows train, without them the model cannot learn to write a tag."""
     model, tok = hf_model(cfg.model)
+    if missing := sorted(set(cfg.targets.split(",")) - linear_names(model)):  # before minutes of warm start
+        raise DartError(f"--targets={cfg.targets}: --model={cfg.model} has no linear layer named {missing[0]}; "
+                        f"its linear layers are {', '.join(sorted(linear_names(model)))}")
     if cfg.warm_start > 0:
         torch.manual_seed(cfg.base_seed)
         amp_dtype = autocast_dtypes(cfg, device)[1]
@@ -1486,15 +1498,21 @@ def autocast_dtypes(cfg, device):
     pick = lambda name: {"auto": torch.bfloat16 if native_bf16 else None, "float32": None,
                          "bfloat16": torch.bfloat16}[name]
     sample = pick(cfg.dtype)
-    return sample, sample if cfg.train_dtype == "auto" else pick(cfg.train_dtype)
+    train = sample if cfg.train_dtype == "auto" else pick(cfg.train_dtype)
+    if sample is not None and train is None:  # the frozen weights are held in bfloat16 from loading on
+        raise DartError(f"--train_dtype=float32 after bfloat16 sampling (--dtype={cfg.dtype} on {device}) would "
+                        f"train on bfloat16-rounded weights; pass --dtype=float32 too")
+    return sample, train
 
 
 def resolve_device(cfg):
-    if cfg.device != "auto":
-        return cfg.device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    """The device to run on (auto = cuda, else mps, else cpu); a named one must be there."""
+    there = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if cfg.device == "auto":
+        return next(device for device, available in there.items() if available)
+    if not there[cfg.device]:
+        raise DartError(f"--device={cfg.device} but no {cfg.device} device is visible; use --device=cpu")
+    return cfg.device
 
 
 def load_policy(cfg):
@@ -1504,8 +1522,7 @@ def load_policy(cfg):
     from transformers.utils import logging
     logging.disable_progress_bar()  # our own bars say what is happening
     device = resolve_device(cfg)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DartError("--device=cuda but no CUDA device is visible; use --device=cpu")
+    amp_dtype, train_dtype = autocast_dtypes(cfg, device)
     model, tok = load_base(cfg, device)
     if tok.eos_token_id is None:
         raise DartError(f"the tokenizer of --model={cfg.model} has no eos token")
@@ -1515,7 +1532,6 @@ def load_policy(cfg):
                               cfg.seed)
     except ValueError as e:
         raise DartError(f"{e} (--targets={cfg.targets})") from e
-    amp_dtype, train_dtype = autocast_dtypes(cfg, device)
     if amp_dtype is not None:
         hold_frozen_linears(model, amp_dtype)
     return Policy(model, tok, special_ids(tok, device), routing, device, amp_dtype, train_dtype)
@@ -1643,13 +1659,15 @@ def check_config(cfg, where=""):
     for f in dataclasses.fields(cfg):
         check_value(f.name, getattr(cfg, f.name), f.type, f.metadata.get("valid"), where)
     if isinstance(cfg, Config):
-        if cfg.base_dim % cfg.base_heads:
-            raise DartError(f"{where}--base_dim={cfg.base_dim} must be a multiple of --base_heads={cfg.base_heads}")
+        if cfg.base_dim % cfg.base_heads or cfg.base_dim // cfg.base_heads % 2:  # rotary embeddings pair up units
+            raise DartError(f"{where}--base_dim={cfg.base_dim} must be an even multiple of --base_heads="
+                            f"{cfg.base_heads} (each head's size, base_dim / base_heads, even)")
+        if cfg.model == "tiny" and (unknown := sorted(set(cfg.targets.split(",")) - set(ATTENTION_AND_MLP))):
+            raise DartError(f"{where}--targets: the tiny model has no linear layer named {unknown[0]}; its layers "
+                            f"are {', '.join(ATTENTION_AND_MLP)}")
         commands = [name for name in ("compare", "bench", "export_peft", "resume") if getattr(cfg, name)]
         if len(commands) > 1:
             raise DartError(f"{where}--{commands[0]} and --{commands[1]} are separate commands; give one")
-        if cfg.cached_base and not cfg.resume and not os.path.isdir(cfg.cached_base):
-            raise DartError(f"{where}--cached_base={cfg.cached_base} is not a folder")
 
 
 def parse_args(argv, defaults=None, names=None):
@@ -2124,6 +2142,10 @@ def resumed_config(argv, run_dir):
     """The config of the run in run_dir, with the command line's overrides of what may change."""
     saved = saved_config(run_dir)
     cfg = parse_args(argv, defaults=dataclasses.replace(saved))
+    if cfg.steps != saved.steps and saved.lr_schedule != "constant":
+        raise DartError(f"--resume continues {run_dir} with its cosine learning-rate schedule, which decays over its "
+                        f"{saved.steps} steps: --steps={cfg.steps} would reshape it mid-run. Only a run with "
+                        f"--lr_schedule=constant may be extended; start a new run for another length.")
     if changed := [f.name for f in dataclasses.fields(cfg) if f.name not in RESUME_MAY_CHANGE
                    and getattr(cfg, f.name) != getattr(saved, f.name)]:
         raise DartError(f"--resume continues {run_dir} with its own settings, and --{changed[0]} would change "

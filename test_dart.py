@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -1138,6 +1139,14 @@ def test_combinations_and_the_rest_are_checked_at_the_door(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     nothing_may_be_built(monkeypatch)
     assert "multiple of --base_heads" in one_line_exit(dart.main, ["--base_dim=190"])
+    for odd_heads in ("--base_dim=12", "--base_dim=20"):  # heads of size 3 and 5: rotary embeddings need even ones
+        assert "even" in one_line_exit(dart.main, [odd_heads, "--base_heads=4"])
+    assert "no linear layer named qproj" in one_line_exit(dart.main, ["--targets=q_proj,qproj"])
+    assert "bfloat16-rounded" in one_line_exit(dart.main, ["--dtype=bfloat16", "--train_dtype=float32"])
+    absent = [d for d, there in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
+              if not there]
+    for device in absent:
+        assert f"no {device} device" in one_line_exit(dart.main, [f"--device={device}"])
     assert "separate commands" in one_line_exit(dart.main, ["--compare", "--bench"])
     assert "comma-separated list" in one_line_exit(dart.main, ["--compare", "--modes=dart,jointt"])
     assert "float" in one_line_exit(dart.main, ["--lr=nan"])
@@ -1162,6 +1171,7 @@ def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_fac
             assert "config.json" in one_line_exit(dart.main, [f"{command}={broken}"])
     assert "already holds a run" in one_line_exit(dart.main, [f"--out={run}", f"--cache_dir={tmp_path}"])
     assert "--mode would change" in one_line_exit(dart.main, [f"--resume={run}", "--mode=joint"])
+    assert "cosine" in one_line_exit(dart.main, [f"--resume={run}", "--steps=5"])  # would reshape the schedule
     checkpoint = os.path.join(run, "checkpoint.pt")
     for damage in (files["checkpoint.pt"][:1000], b""):  # truncated, empty
         open(checkpoint, "wb").write(damage)
@@ -1597,16 +1607,41 @@ def test_a_resumed_optimizer_state_lives_where_a_fresh_ones_does(make_policy, tm
 def test_resume_and_export_use_the_base_the_run_recorded(cfg_factory, tmp_path, monkeypatch):
     """config.json records the cached base a run trained on; --resume and --export_peft use it even
     when today's settings would name another one (as the warm-start dtype does on another device)."""
-    run = dart.train(cfg_factory(out=str(tmp_path / "run"), steps=1, questions_per_step=1), report=False)
+    run = dart.train(cfg_factory(out=str(tmp_path / "run"), steps=1, questions_per_step=1, lr_schedule="constant"),
+                     report=False)
     recorded = json.load(open(os.path.join(run, "config.json")))["cached_base"]
     assert os.path.isfile(os.path.join(recorded, "base.json"))
     monkeypatch.setattr(dart, "base_path", lambda cfg: str(tmp_path / "another-base"))
     dart.main([f"--export_peft={run}"])
     config = json.load(open(os.path.join(run, "peft", "reasoning", "adapter_config.json")))
     assert config["base_model_name_or_path"] == recorded
-    dart.main([f"--resume={run}", "--steps=2"])
+    dart.main([f"--resume={run}", "--steps=2"])  # a constant learning rate lets a run go on
     assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == [0, 1, 2]
     assert not os.path.exists(tmp_path / "another-base")
+
+
+def test_a_run_whose_base_is_gone_is_resumed_exported_and_reused(cfg_factory, tmp_path, monkeypatch):
+    """Once the cached base a run recorded is deleted, --export_peft still writes the adapters (it
+    needs no base), leas.py still reuses the finished run, and --resume rebuilds the base where it
+    was: the settings that built it are the run's own."""
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg_factory().cache_dir, cache)
+    run = dart.train(cfg_factory(out=str(tmp_path / "run"), cache_dir=str(cache), **SHORT), report=False)
+    recorded = json.load(open(os.path.join(run, "config.json")))["cached_base"]
+    kept = shutil.move(recorded, tmp_path / "kept-base")
+    dart.main([f"--export_peft={run}"])
+    assert os.path.isfile(os.path.join(run, "peft", "reasoning", "adapter_model.safetensors"))
+    leas.train_or_reuse(dart.saved_config(run))  # a finished run: reused, not retrained
+    assert not os.path.exists(recorded)
+    rebuilt = []
+
+    def build_again(cfg, device):  # stands in for the minutes of the warm start: the base as it was
+        rebuilt.append(cfg.cached_base)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        return AutoModelForCausalLM.from_pretrained(kept), AutoTokenizer.from_pretrained(kept)
+    monkeypatch.setattr(dart, "build_tiny_base", build_again)
+    dart.main([f"--resume={run}"])
+    assert rebuilt == [recorded] and os.path.isfile(os.path.join(recorded, "base.json"))
 
 
 def test_sampling_precision_holds_the_frozen_weights_in_it(make_policy, monkeypatch):
@@ -1860,6 +1895,23 @@ def test_lora_warm_start_leaves_a_plain_model_that_computes_what_its_trained_cop
             assert torch.equal(p[others], before[name][others]) and not torch.equal(p[tags], before[name][tags])
         elif "norm" not in name and name.endswith("weight"):  # (a LoRA leaves biases as they are)
             assert not torch.equal(p, before[name]), name  # every linear layer got its LoRA merged
+
+
+def test_a_model_without_the_target_linears_is_refused_before_its_warm_start(small_hf_folder, tmp_path, monkeypatch):
+    """GPT-2 computes with Conv1D, not nn.Linear: a --targets it lacks is refused right after the model
+    loads, and the LoRA warm start, which needs q_proj ... down_proj, says to train all weights."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    monkeypatch.chdir(tmp_path)
+    tok = AutoTokenizer.from_pretrained(small_hf_folder)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    monkeypatch.setattr(dart, "imitate_demonstrations", lambda *a, **k: pytest.fail("the warm start began"))
+    message = one_line_exit(dart.main, [f"--model={tmp_path / 'gpt2'}", "--targets=c_attn"])
+    assert "no linear layer named c_attn" in message and "lm_head" in message
+    dart.add_tag_tokens(gpt2, tok)
+    with pytest.raises(dart.DartError, match="--warm_weights=all"):
+        dart.lora_warm_start(gpt2, tok, dart.Config(model="gpt2", warm_start=1), "cpu", None)
 
 
 def test_the_warm_start_trains_a_lora_on_cuda_every_weight_elsewhere_and_caches_them_apart(small_hf_folder,
