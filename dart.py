@@ -901,6 +901,27 @@ def learning_rate(cfg, step):
     return warmup_cosine(cfg.lr, step, max(1, cfg.steps - 1), cfg.warmup_steps)
 
 
+def reset_peak_memory(device):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: restart the process's peak-RSS counter
+
+
+def peak_memory_mb(device):
+    """CUDA: peak allocated tensor memory. CPU: the process's peak resident memory (Linux), which
+    includes Python and the frozen model, so only the differences between modes are the adapters'."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def rl_step(policy, optimizer, registry, world, cfg, step):
     """Sample a batch of train questions, roll out G answers each, score, update. Under torchrun
     every process draws the same questions and rolls out its share of them."""
@@ -926,7 +947,8 @@ def rl_step(policy, optimizer, registry, world, cfg, step):
     update_seconds = clock(policy.device) - started
     sampled_tokens = batch_metrics(metrics, batch, rewards, cfg.group_size)
     speed = {"rollout_s": rollout_seconds, "update_s": update_seconds, "sampled_tokens": sampled_tokens,
-             "trained_tokens": metrics["tokens_reason"] + metrics["tokens_tool"]}
+             "trained_tokens": metrics["tokens_reason"] + metrics["tokens_tool"],
+             "peak_mb": peak_memory_mb(policy.device)}
     return metrics, speed
 
 
@@ -1095,6 +1117,48 @@ def saved_config(run_dir):
     return cfg
 
 
+# settings that say where a run lives and which command started it, not what it trains
+NOT_THE_RUN = {"out", "resume", "cached_base", "cache_dir", "compare", "modes", "seeds", "ranks", "bench",
+               "export_peft"}
+# what a --resume may change besides: the length (under a constant learning rate), how often to evaluate and save,
+# where and in what precision to compute, the micro-batch
+RESUME_MAY_CHANGE = NOT_THE_RUN | {"steps", "eval_every", "eval_per_family", "save_every", "device", "dtype",
+                                   "train_dtype", "micro_batch"}
+
+
+def differing_setting(saved, cfg, may_differ):
+    """The first setting, outside `may_differ`, in which two configs differ (None when they agree)."""
+    return next((f.name for f in dataclasses.fields(cfg)
+                 if f.name not in may_differ and getattr(cfg, f.name) != getattr(saved, f.name)), None)
+
+
+def train_or_reuse(run):
+    """Train `run` into run.out; reuse it when the folder holds it finished, and resume it when it
+    stopped early. A folder holding a run with other settings is refused, not overwritten."""
+    if os.path.exists(os.path.join(run.out, "metrics.jsonl")):
+        saved = saved_config(run.out)
+        if changed := differing_setting(saved, run, NOT_THE_RUN):
+            raise DartError(f"{run.out} holds a run with --{changed}={getattr(saved, changed)!r}, not "
+                            f"{getattr(run, changed)!r}: pass another folder, or the settings it was made with")
+        if any(r["step"] == run.steps and "test_acc" in r for r in read_jsonl(os.path.join(run.out, "metrics.jsonl"))):
+            if process_rank() == 0:
+                print(f"reusing {run.out}")
+            return
+        run = dataclasses.replace(run, resume=run.out)
+    train(run, report=False)
+
+
+def runs_folder(cfg):
+    """Where the runs of --compare and leas.py live: runs/<model>-<hash of every setting the runs
+    share, alpha/r included>/r<rank>/<mode>-s<seed>. Commands with the same settings find each
+    other's runs there and reuse them."""
+    shared = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in NOT_THE_RUN | {"mode", "seed", "lora_rank", "alpha"}}
+    shared["alpha_over_rank"] = cfg.alpha / cfg.lora_rank
+    name = "".join(c if c.isalnum() else "-" for c in os.path.basename(os.path.normpath(cfg.model)))
+    return os.path.join("runs", f"{name}-{short_hash(shared)}")
+
+
 def timestamped_dir(name):
     return os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{name}")
 
@@ -1171,6 +1235,7 @@ def train(cfg, report=True):
     cfg.cached_base = cfg.cached_base or os.path.abspath(base_path(cfg))  # recorded: a resumed run reuses this base
     with first_process_first():
         policy = load_policy(cfg)
+    reset_peak_memory(policy.device)  # a run's peak memory counts from here, the model loaded
     world = toy_tasks.make_world()
     registry = tools.registry(world.kb)
     test = toy_tasks.test_set(world, cfg.eval_per_family)
@@ -1564,9 +1629,9 @@ def one_of(*choices):
     return lambda value: value in choices, "one of " + ", ".join(choices)
 
 
-def mode_list():
-    return lambda value: bool(value) and all(m in MODES for m in value.split(",")), \
-        "a comma-separated list of " + ", ".join(MODES)
+def comma_list(allowed, what, empty_ok=False):
+    return (lambda value: (empty_ok and not value) or all(allowed(item) for item in value.split(",")),
+            f"a comma-separated list of {what}")
 
 
 @dataclass
@@ -1637,8 +1702,11 @@ class Config:
     # other commands
     compare: bool = option(False, "train every mode on the same budget and print one table")
     modes: str = option("joint,joint2r,dart,two_agent,mixlora", "--compare: the modes to train, comma-separated",
-                        mode_list())
+                        comma_list(lambda mode: mode in MODES, ", ".join(MODES)))
     seeds: int = option(3, "--compare: seeds per mode", at_least(1))
+    ranks: str = option("", "--compare: LoRA ranks to sweep, comma-separated, each with alpha/r as --alpha/--lora_rank "
+                            "(default: --lora_rank alone)",
+                        comma_list(lambda rank: rank.isdigit() and int(rank) > 0, "positive integers", empty_ok=True))
     bench: bool = option(False, "measure the cost claims on one batch")
     export_peft: str = option("", "write this run directory's adapters as PEFT LoRA adapters (in RUN/peft)")
 
@@ -1826,36 +1894,15 @@ def print_report(run_dir, table, curve, policy, registry, test, cfg):
 # budget, and comes close to two separate agents (two_agent) at one model's memory.
 # joint2r has DART's trainable parameters in one shared adapter: the capacity control.
 
-def reset_peak_memory(device):
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: restart the process's peak-RSS counter
-
-
-def peak_memory_mb(device):
-    """CUDA: peak allocated tensor memory. CPU: the process's peak resident memory (Linux), which
-    includes Python and the frozen model, so only the differences between modes are the adapters'."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    if os.path.exists("/proc/self/status"):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def run_summary(run_dir, peak_mb):
-    """One finished run: final test metrics, base metrics (step 0), parameters and speed."""
+def run_summary(run_dir):
+    """One finished run: final test metrics, base metrics (step 0), parameters, peak memory and speed."""
     from safetensors.torch import load_file
     evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "test_acc" in r]
     speed = read_jsonl(os.path.join(run_dir, "speed.jsonl"))
     params = sum(t.numel() for t in load_file(os.path.join(run_dir, "adapters.safetensors")).values())
     rollout_s, update_s = sum(r["rollout_s"] for r in speed), sum(r["update_s"] for r in speed)
     return {"base": evals[0], "final": evals[-1], "best": max(evals, key=lambda r: r["test_acc"]),
-            "params": params, "peak_mb": peak_mb,
+            "params": params, "peak_mb": max(r["peak_mb"] for r in speed),
             "s_per_step": (rollout_s + update_s) / len(speed),
             "sampled_tok_s": sum(r["sampled_tokens"] for r in speed) / rollout_s,
             "trained_tok_s": sum(r["trained_tokens"] for r in speed) / update_s}
@@ -1933,35 +1980,80 @@ def stability_table(results):
     return "\n".join(lines)
 
 
+def sweep_table(results, modes, ranks):
+    """Markdown: one row per LoRA rank, each mode's final accuracy (mean±std over seeds) and dart's
+    paired difference with every other mode (points, 95% interval)."""
+    others = [m for m in modes if m != "dart"] if "dart" in modes else []
+    head = ["LoRA rank r"] + modes + [f"dart - {m}" for m in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("--:" for _ in head) + "|"]
+    for rank in ranks:
+        cells = [str(rank)] + [mean_std([r["final"]["test_acc"] for r in results[rank][m]], 100) for m in modes]
+        for m in others:
+            mean, (lo, hi) = paired_difference(*([r["final"]["test_correct"] for r in results[rank][mode]]
+                                                 for mode in ("dart", m)))
+            cells.append(f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def interval_chart(rows, width=41):
+    """A text chart of (label, mean, (lo, hi)) rows on one axis that includes 0: [ and ] the
+    interval, * the mean, | zero."""
+    lo = min([0.0] + [r[2][0] for r in rows])
+    hi = max([0.0] + [r[2][1] for r in rows])
+    column = lambda x: round((x - lo) / (hi - lo + 1e-9) * (width - 1))
+    lines = []
+    for label, mean, (a, b) in rows:
+        line = [" "] * width
+        for i in range(column(a), column(b) + 1):
+            line[i] = "-"
+        line[column(0.0)] = "|"
+        line[column(a)], line[column(b)], line[column(mean)] = "[", "]", "*"
+        lines.append(f"{label:>8} {''.join(line)}  {mean:+.1f} [{a:+.1f}, {b:+.1f}]")
+    axis = f"{lo:+.0f}".ljust(width // 2) + f"{hi:+.0f}".rjust(width - width // 2)
+    return "\n".join(lines + [" " * 9 + axis])
+
+
 def compare_modes(cfg):
-    """Train every mode on the same tasks, seeds and budget; print and save one table."""
+    """Train every mode at every LoRA rank on the same tasks, seeds and budget (each rank keeps
+    alpha/r), or reuse the runs already there (runs_folder: the same command, or one with more
+    modes, seeds or ranks, or leas.py, finds the runs it already has); print and save the tables."""
     modes = cfg.modes.split(",")
-    out = broadcast_from_first(cfg.out or timestamped_dir("compare"))
-    runs = {(mode, seed): dataclasses.replace(cfg, mode=mode, seed=seed, compare=False,
-                                              out=os.path.join(out, f"{mode}-s{seed}"))
-            for seed in range(cfg.seeds) for mode in modes}
-    if taken := [r.out for r in runs.values() if os.path.exists(os.path.join(r.out, "metrics.jsonl"))]:
-        raise DartError(f"{taken[0]} already holds a run: pass another --out for this comparison")
+    ranks = [int(r) for r in cfg.ranks.split(",")] if cfg.ranks else [cfg.lora_rank]
+    out = broadcast_from_first(cfg.out or runs_folder(cfg))
+    scale = cfg.alpha / cfg.lora_rank
     device = resolve_device(cfg)
-    with first_process_first():
-        load_base(cfg, device)  # built (or read) before any peak-memory reading: the first mode's would include it
-    results = {mode: [] for mode in modes}
-    for (mode, seed), run in runs.items():
-        reset_peak_memory(device)
-        train(run, report=False)
-        results[mode].append(run_summary(run.out, peak_memory_mb(device)) if process_rank() == 0 else None)
+    results = {rank: {mode: [] for mode in modes} for rank in ranks}
+    for rank in ranks:
+        for seed in range(cfg.seeds):
+            for mode in modes:
+                run = dataclasses.replace(cfg, mode=mode, seed=seed, lora_rank=rank, alpha=scale * rank, compare=False,
+                                          out=os.path.join(out, f"r{rank}", f"{mode}-s{seed}"))
+                train_or_reuse(run)
+                results[rank][mode].append(run_summary(run.out) if process_rank() == 0 else None)
     if process_rank() > 0:
         return results
-    table = compare_table(results)
-    pairs = (("dart", "joint"), ("dart", "joint2r"), ("two_agent", "dart"))
-    differences = "\n".join(difference_line(results, a, b) for a, b in pairs if a in results and b in results)
-    header = (f"{cfg.seeds} seed(s), {cfg.steps} RL steps of {cfg.questions_per_step}x{cfg.group_size} rollouts, "
-              f"LoRA rank {cfg.lora_rank} (joint: r, joint2r: 2r, dart: r + r), model {cfg.model}, device {device}; "
-              f"final test accuracy in %, mean±std over seeds")
-    report = "\n\n".join(part for part in (header, table, differences, stability_table(results)) if part) + "\n"
+    sections = []
+    for rank in ranks:
+        header = (f"LoRA rank {rank} (joint: r, joint2r: 2r, dart: r + r; alpha {scale * rank:g}), {cfg.seeds} "
+                  f"seed(s), {cfg.steps} RL steps of {cfg.questions_per_step}x{cfg.group_size} rollouts, model "
+                  f"{cfg.model}, device {device}; final test accuracy in %, mean±std over seeds")
+        others = [m for m in modes if m != "dart"] if "dart" in modes else []
+        differences = "\n".join(difference_line(results[rank], "dart", m) for m in others)
+        sections.append("\n\n".join(part for part in (header, compare_table(results[rank]), differences,
+                                                      stability_table(results[rank])) if part))
+    if len(ranks) > 1:
+        sections.append("the sweep: final test accuracy in %, mean±std over seeds; dart's paired differences in "
+                        "points with 95% intervals over seeds and questions\n\n" + sweep_table(results, modes, ranks))
+        if {"dart", "joint"} <= set(modes):
+            rows = [(f"r={rank}", *paired_difference(*([r["final"]["test_correct"] for r in results[rank][mode]]
+                                                      for mode in ("dart", "joint")))) for rank in ranks]
+            sections.append("dart - joint against the LoRA rank, points (95% interval):\n" + interval_chart(rows))
+    report = "\n\n".join(sections) + "\n"
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(report)
-    write_json(os.path.join(out, "compare.json"), {"config": dataclasses.asdict(cfg), "results": results})
+    write_json(os.path.join(out, "compare.json"), {"config": dataclasses.asdict(cfg),
+                                                   "results": {str(rank): r for rank, r in results.items()}})
     print(f"\n{report}\ntables: {out}/compare.md, {out}/compare.json")
     return results
 
@@ -2133,10 +2225,6 @@ def init_distributed(cfg):
     torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
 
 
-# fields a --resume may change: the rest define the run and its adapters
-RESUME_MAY_CHANGE = {"steps", "eval_every", "eval_per_family", "save_every", "device", "dtype", "train_dtype",
-                     "micro_batch", "cache_dir", "out", "resume"}
-
 
 def resumed_config(argv, run_dir):
     """The config of the run in run_dir, with the command line's overrides of what may change."""
@@ -2146,11 +2234,10 @@ def resumed_config(argv, run_dir):
         raise DartError(f"--resume continues {run_dir} with its cosine learning-rate schedule, which decays over its "
                         f"{saved.steps} steps: --steps={cfg.steps} would reshape it mid-run. Only a run with "
                         f"--lr_schedule=constant may be extended; start a new run for another length.")
-    if changed := [f.name for f in dataclasses.fields(cfg) if f.name not in RESUME_MAY_CHANGE
-                   and getattr(cfg, f.name) != getattr(saved, f.name)]:
-        raise DartError(f"--resume continues {run_dir} with its own settings, and --{changed[0]} would change "
-                        f"them ({getattr(saved, changed[0])!r} -> {getattr(cfg, changed[0])!r}); only "
-                        f"{', '.join('--' + k for k in sorted(RESUME_MAY_CHANGE - {'out', 'resume'}))} may "
+    if changed := differing_setting(saved, cfg, RESUME_MAY_CHANGE):
+        raise DartError(f"--resume continues {run_dir} with its own settings, and --{changed} would change "
+                        f"them ({getattr(saved, changed)!r} -> {getattr(cfg, changed)!r}); only "
+                        f"{', '.join('--' + k for k in sorted(RESUME_MAY_CHANGE - NOT_THE_RUN))} may "
                         f"change. Start a new run for other settings.")
     cfg.out = run_dir
     return cfg

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import dart
@@ -39,7 +40,8 @@ from dart import DartError, at_least, option
 
 @dataclass
 class LeasConfig:
-    runs: str = option("runs/leas", "where the variants are trained, or reused if already there")
+    runs: str = option("", "where the variants are trained, or reused if already there (default: the folder of "
+                           "these settings' runs, shared with dart.py --compare: runs/<model>-<hash>/r<rank>)")
     seeds: int = option(3, "K seeds per trained variant, stacked in one fit and fitted one by one", at_least(1))
     samples: int = option(16, "N answers per test question per variant", at_least(1))
     per_family: int = option(25, "test questions per task family (sampled at --temperature)", at_least(1))
@@ -131,26 +133,8 @@ TRAINED = ("reason_only", "tool_only", "joint")
 TRAINING = {"steps": 40, "eval_every": 40}
 
 
-def train_or_reuse(run):
-    """Train a variant into run.out; reuse it when the folder holds it finished, and resume it when it
-    stopped early. A folder holding a run with other settings is refused, not overwritten."""
-    from safetensors import safe_open
-    if os.path.exists(os.path.join(run.out, "metrics.jsonl")):
-        saved = dart.saved_config(run.out)
-        own = ("out", "resume", "cached_base")  # where and on which cached base: not what was trained
-        if changed := [f.name for f in dataclasses.fields(run) if f.name not in own
-                       and getattr(saved, f.name) != getattr(run, f.name)]:
-            raise DartError(f"{run.out} holds a run with --{changed[0]}={getattr(saved, changed[0])!r}, not "
-                            f"{getattr(run, changed[0])!r}: pass another --runs, or the settings it was made with")
-        adapters = os.path.join(run.out, "adapters.safetensors")
-        if os.path.exists(adapters):
-            with safe_open(adapters, "pt") as f:
-                if int(f.metadata()["step"]) == run.steps:
-                    if dart.process_rank() == 0:
-                        print(f"reusing {run.out}")
-                    return
-        run = dataclasses.replace(run, resume=run.out)
-    dart.train(run, report=False)
+def runs_of(cfg, lcfg):
+    return lcfg.runs or os.path.join(dart.runs_folder(cfg), f"r{cfg.lora_rank}")
 
 
 def train_variants(cfg, lcfg, modes=TRAINED):
@@ -159,8 +143,8 @@ def train_variants(cfg, lcfg, modes=TRAINED):
     states = {}
     for seed in range(lcfg.seeds):
         for mode in modes:
-            run = dataclasses.replace(cfg, mode=mode, seed=seed, out=os.path.join(lcfg.runs, f"{mode}-s{seed}"))
-            train_or_reuse(run)
+            run = dataclasses.replace(cfg, mode=mode, seed=seed, out=os.path.join(runs_of(cfg, lcfg), f"{mode}-s{seed}"))
+            dart.train_or_reuse(run)
             states[mode, seed] = load_file(os.path.join(run.out, "adapters.safetensors"))
     return states
 
@@ -279,20 +263,30 @@ def attribution_table(report, lcfg):
 # Gradient directions
 
 
-def role_gradients(policy, batch, row, mask, roles, params, temperature):
-    """The policy gradient of one trajectory's reasoning tokens and of its tool tokens: each the
-    gradient of -sum(log pi) over that role's tokens / all its tokens, so the two add up to the
-    gradient of the trajectory's mean token loss (GRPO's loss divided by the trajectory's
-    advantage, which scales the direction and may flip its sign, never turns it)."""
+def token_set_gradients(policy, batch, row, loss_tokens, token_sets, params, temperature):
+    """The policy gradient of each set of one trajectory's tokens: the gradient of -sum(log pi) over
+    the set / the number of the trajectory's `loss_tokens`, so that sets which partition those tokens
+    add up to the gradient of the trajectory's mean token loss (GRPO's loss divided by the
+    trajectory's advantage, which scales the direction and may flip its sign, never turns it)."""
     logp, _ = dart.response_logprobs(policy, batch.ids[row:row + 1], batch.attention_mask[row:row + 1],
                                      batch.prompt_len, temperature)
-    total = mask[row].sum()
+    total = loss_tokens.sum()
     grads = []
-    for role in (dart.REASONING, dart.TOOL):
-        loss = -(logp[0] * (mask[row] & (roles[row] == role))).sum() / total
+    for tokens in token_sets:
+        loss = -(logp[0] * tokens).sum() / total
         grads.append([torch.zeros_like(p) if g is None else g for g, p in zip(
             torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)])
     return grads
+
+
+def random_halves(tokens, generator):
+    """Two disjoint halves of a 0/1 token mask, the tokens assigned at random (sizes n//2 and the rest)."""
+    where = tokens.nonzero().squeeze(-1)
+    where = where[torch.randperm(len(where), generator=generator)]
+    halves = torch.zeros(2, len(tokens), dtype=torch.bool)
+    halves[0, where[:len(where) // 2]] = True
+    halves[1, where[len(where) // 2:]] = True
+    return halves[0], halves[1]
 
 
 def layer_of(name):
@@ -306,8 +300,23 @@ def cosines(vectors):
     return unit @ unit.T
 
 
+# the comparisons of the gradient table: (key, label). Each trajectory's reasoning gradient is set
+# against its tool gradient; the matched controls set two random halves of one role's tokens of
+# the same trajectory against each other, which differ in their tokens as the two roles do but
+# not in their role: "cross-role is less aligned" means less than these, not less than 90 degrees
+GRADIENT_ROWS = (
+    ("cross_role", "reasoning vs tool, same trajectory"),
+    ("reasoning_halves", "control: reasoning half vs half, same trajectory"),
+    ("tool_halves", "control: tool half vs half, same trajectory"),
+    ("reasoning_across", "reasoning vs reasoning, other trajectories"),
+    ("tool_across", "tool vs tool, other trajectories"),
+)
+
+
 def gradient_directions(policy, registry, cfg, lcfg, world):
-    """Reasoning vs tool gradient directions under the joint adapter, overall and per layer."""
+    """Under the joint adapter, per sampled trajectory with at least two tokens of each role: the
+    cosine between its reasoning and its tool gradient, the two controls (random halves of each
+    role's tokens), and the same-role cosines across trajectories; overall and per layer."""
     rng = np.random.default_rng(0)
     test = toy_tasks.test_set(world, lcfg.per_family)
     tool_tasks = [t for t in test if t.family != "notool"]
@@ -317,26 +326,31 @@ def gradient_directions(policy, registry, cfg, lcfg, world):
     named = [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     mask, roles = dart.loss_mask(batch, policy.special, "joint")
-    both = [r for r in range(len(prompts)) if (mask[r] & (roles[r] == dart.TOOL)).any()
-            and (mask[r] & (roles[r] == dart.REASONING)).any()]
-    per_reason, per_tool = [], []
-    for row in tqdm(both, desc="per-role gradients", leave=False):
-        g_reason, g_tool = role_gradients(policy, batch, row, mask, roles, params, cfg.temperature)
-        per_reason.append([g.cpu() for g in g_reason])  # kept in host memory: one per trajectory adds up
-        per_tool.append([g.cpu() for g in g_tool])
-    result = {"trajectories": len(both)}
-    if len(both) < 2:
+    by_role = [mask & (roles == role) for role in (dart.REASONING, dart.TOOL)]
+    kept = [r for r in range(len(prompts)) if all(tokens[r].sum() >= 2 for tokens in by_role)]
+    sets = {key: [] for key in ("reasoning", "tool", "reasoning_a", "reasoning_b", "tool_a", "tool_b")}
+    for row in tqdm(kept, desc="per-role gradients", leave=False):
+        generator = torch.Generator().manual_seed(row)
+        reasoning, tool = by_role[0][row].cpu(), by_role[1][row].cpu()
+        masks = [reasoning, tool, *random_halves(reasoning, generator), *random_halves(tool, generator)]
+        grads = token_set_gradients(policy, batch, row, mask[row], [m.to(mask.device) for m in masks], params,
+                                    cfg.temperature)
+        for key, grad in zip(sets, grads):
+            sets[key].append([g.cpu() for g in grad])  # in host memory: one per trajectory adds up
+    result = {"trajectories": len(kept)}
+    if len(kept) < 2:
         return result
-    layers = sorted({layer_of(n) for n, _ in named})
-    for scope in ["all"] + layers:
+    off_diagonal = ~torch.eye(len(kept), dtype=torch.bool)
+    for scope in ["all"] + sorted({layer_of(n) for n, _ in named}):
         keep = [i for i, (n, _) in enumerate(named) if scope == "all" or layer_of(n) == scope]
-        R = torch.stack([torch.cat([g[i].flatten() for i in keep]) for g in per_reason])
-        T = torch.stack([torch.cat([g[i].flatten() for i in keep]) for g in per_tool])
-        off_diagonal = ~torch.eye(len(both), dtype=torch.bool)
-        cross = torch.nn.functional.cosine_similarity(R, T, dim=1)
-        result[str(scope)] = {"cross_role_same_trajectory": cross.tolist(),
-                              "reasoning_between_trajectories": cosines(R)[off_diagonal].tolist(),
-                              "tool_between_trajectories": cosines(T)[off_diagonal].tolist()}
+        flat = {key: torch.stack([torch.cat([g[i].flatten() for i in keep]) for g in grads])
+                for key, grads in sets.items()}
+        pair = lambda a, b: F.cosine_similarity(flat[a], flat[b], dim=1).tolist()
+        result[str(scope)] = {"cross_role": pair("reasoning", "tool"),
+                              "reasoning_halves": pair("reasoning_a", "reasoning_b"),
+                              "tool_halves": pair("tool_a", "tool_b"),
+                              "reasoning_across": cosines(flat["reasoning"])[off_diagonal].tolist(),
+                              "tool_across": cosines(flat["tool"])[off_diagonal].tolist()}
     return result
 
 
@@ -344,39 +358,50 @@ def angle(cos):
     return float(np.degrees(np.arccos(np.clip(cos, -1, 1))))
 
 
-def histogram(values, bins=10, width=40):
-    counts, edges = np.histogram(values, bins=bins, range=(-1, 1))
-    top = max(counts.max(), 1)
-    return [f"  [{lo:+.1f},{hi:+.1f}) {'#' * int(round(c / top * width))} {c}"
-            for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+def gradient_finding(usable, resamples, rng):
+    """Cross-role against each within-trajectory control, paired by trajectory: the mean of
+    (control - cross-role) cosine with a bootstrap interval, and what it says."""
+    lines, less = [], []
+    for key, role in (("reasoning_halves", "reasoning"), ("tool_halves", "tool")):
+        gap = np.concatenate([np.subtract(r["all"][key], r["all"]["cross_role"]) for r in usable])
+        lo, hi = dart.bootstrap_interval(gap, resamples, rng)
+        less.append(lo > 0)
+        lines.append(f"  {role} halves minus cross-role: {gap.mean():+.2f} [{lo:+.2f}, {hi:+.2f}] over {len(gap)} "
+                     f"trajectories")
+    if all(less):
+        verdict = "cross-role is less aligned than same-role within a trajectory (both controls)"
+    elif any(less):
+        role = "reasoning" if less[0] else "tool"
+        verdict = f"cross-role is less aligned than the {role} halves, not than the other role's"
+    else:
+        verdict = "cross-role is not less aligned than same-role within a trajectory"
+    return lines + [f"finding: {verdict}"]
 
 
-def gradient_table(results):
-    """results: one gradient_directions() result per seed; cosines averaged within each seed,
-    then shown as the mean over seeds (and their range when there are several)."""
-    keys = ("cross_role_same_trajectory", "reasoning_between_trajectories", "tool_between_trajectories")
+def gradient_table(results, resamples=2000):
+    """results: one gradient_directions() result per seed. Each comparison's mean cosine (and angle)
+    over all trajectories of all seeds, with a 95% bootstrap interval over trajectories (over pairs
+    of trajectories for the across rows); per layer, the means; then the finding against the controls."""
     usable = [r for r in results if r["trajectories"] >= 2]
     if not usable:
-        return ("gradient directions: fewer than 2 sampled trajectories used both roles; raise --grad_questions "
-                "or --grad_rollouts")
+        return ("gradient directions: fewer than 2 sampled trajectories had 2+ tokens of each role; raise "
+                "--grad_questions or --grad_rollouts")
+    rng = np.random.default_rng(0)
     lines = [f"gradient directions under M_Unified (joint adapter), {len(usable)} seed(s), "
-             f"{'/'.join(str(r['trajectories']) for r in usable)} trajectories with both roles", "",
-             f"{'params':<8} {'reasoning vs tool':>26} {'reasoning vs reasoning':>26} {'tool vs tool':>26}",
-             f"{'':<8} {'(same trajectory)':>26} {'(other trajectories)':>26} {'(other trajectories)':>26}"]
-
-    def cell(scope, key):
-        per_seed = [float(np.mean(r[scope][key])) for r in usable]
-        spread = f" [{min(per_seed):+.2f},{max(per_seed):+.2f}]" if len(per_seed) > 1 else ""
-        return f"{np.mean(per_seed):+.2f} ({angle(np.mean(per_seed)):2.0f} deg){spread}".rjust(26)
-
-    for scope in [k for k in usable[0] if k != "trajectories"]:
-        label = "all" if scope == "all" else f"layer {scope}"
-        lines.append(f"{label:<8} " + " ".join(cell(scope, k) for k in keys))
-    pooled = lambda key: [c for r in usable for c in r["all"][key]]
-    lines += ["", "cosine, reasoning vs tool on the same trajectory (all seeds):"] + histogram(pooled(keys[0]))
-    lines += ["cosine, same role on different trajectories (both roles, all seeds):"] + histogram(
-        pooled(keys[1]) + pooled(keys[2]))
-    return "\n".join(lines)
+             f"{'/'.join(str(r['trajectories']) for r in usable)} trajectories with 2+ tokens of each role; "
+             f"control halves drawn at random", "",
+             f"{'cosine (all adapter parameters)':<52} {'mean':>6} {'angle':>6} {'95% interval':>16}"]
+    for key, label in GRADIENT_ROWS:
+        values = np.concatenate([r["all"][key] for r in usable])
+        lo, hi = dart.bootstrap_interval(values, resamples, rng)
+        interval = f"[{lo:+.2f}, {hi:+.2f}]"
+        lines.append(f"{label:<52} {values.mean():+6.2f} {angle(values.mean()):4.0f}deg {interval:>16}")
+    layers = [k for k in usable[0] if k not in ("trajectories", "all")]
+    lines += ["", "per layer, mean cosine: " + ", ".join(key for key, _ in GRADIENT_ROWS)]
+    for scope in layers:
+        means = [np.mean(np.concatenate([r[scope][key] for r in usable])) for key, _ in GRADIENT_ROWS]
+        lines.append(f"  layer {scope:<3} " + " ".join(f"{m:+6.2f}" for m in means))
+    return "\n".join(lines + [""] + gradient_finding(usable, resamples, rng))
 
 
 # -----------------------------------------------------------------------------
@@ -428,9 +453,9 @@ def run_leas(cfg, lcfg, grad_only=False):
     for seed in range(lcfg.seeds):
         dart.load_adapter_block(joint.model, states["joint", seed], 0, joint.routing.lora_rank)
         report["gradients"].append(gradient_directions(joint, registry, cfg, lcfg, world))
-    print("\n" + gradient_table(report["gradients"]))
+    print("\n" + gradient_table(report["gradients"], lcfg.bootstrap))
     report["config"] = {"leas": dataclasses.asdict(lcfg), "train": dataclasses.asdict(cfg)}
-    path = os.path.join(lcfg.runs, "leas_grad.json" if grad_only else "leas.json")
+    path = os.path.join(runs_of(cfg, lcfg), "leas_grad.json" if grad_only else "leas.json")
     dart.write_json(path, report)
     print(f"\nreport: {path}")
     return report

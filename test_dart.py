@@ -882,35 +882,65 @@ def test_hybrids_place_adapters_in_role_blocks(make_policy):
     assert not torch.allclose(hybrid[roles == dart.TOOL], bare[roles == dart.TOOL], atol=1e-3)
 
 
-def test_role_gradients_add_up_to_the_full_gradient(make_policy):
+def test_role_gradients_and_their_random_halves_add_up_to_the_full_gradient(make_policy):
+    """The reasoning and tool gradients of a trajectory add up to its whole gradient, and so do the
+    two random halves of a role's tokens (the controls) to that role's gradient; a half set against
+    an identical copy of itself has cosine 1."""
     policy, cfg = make_policy("joint", randomize=0.01)
     _, prompts = prompts_for(policy, 16, seed=5)
     batch = dart.rollout(policy, REGISTRY, prompts, cfg, 1.0, torch.Generator().manual_seed(0))
     mask, roles = dart.loss_mask(batch, policy.special, "joint")
     params = [p for p in policy.model.parameters() if p.requires_grad]
     row = int(torch.argmax((mask & (roles == dart.TOOL)).sum(-1)))
-    assert (mask[row] & (roles[row] == dart.TOOL)).any()
-    g_reason, g_tool = leas.role_gradients(policy, batch, row, mask, roles, params, 1.0)
+    reasoning, tool = mask[row] & (roles[row] == dart.REASONING), mask[row] & (roles[row] == dart.TOOL)
+    assert tool.sum() >= 2
+    half_a, half_b = leas.random_halves(reasoning, torch.Generator().manual_seed(0))
+    assert not (half_a & half_b).any() and torch.equal(half_a | half_b, reasoning)
+    assert abs(int(half_a.sum()) - int(half_b.sum())) <= 1
+    g_reason, g_tool, g_a, g_b, g_a_again = leas.token_set_gradients(
+        policy, batch, row, mask[row], [reasoning, tool, half_a, half_b, half_a], params, 1.0)
     logp, _ = dart.response_logprobs(policy, batch.ids[row:row + 1], batch.attention_mask[row:row + 1],
                                      batch.prompt_len, 1.0)
     full = torch.autograd.grad(-(logp[0] * mask[row]).sum() / mask[row].sum(), params)
-    for a, b, c in zip(g_reason, g_tool, full):
-        assert torch.allclose(a + b, c, atol=1e-6)
+    for r, t, a, b, f in zip(g_reason, g_tool, g_a, g_b, full):
+        assert torch.allclose(r + t, f, atol=1e-6) and torch.allclose(a + b, r, atol=1e-6)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads])
+    assert torch.nn.functional.cosine_similarity(flat(g_a), flat(g_a_again), dim=0) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_leas_end_to_end_writes_its_report(cfg_factory, tmp_path, capsys):
+def test_the_gradient_finding_is_stated_against_the_matched_controls():
+    """Cross-role cosines below both within-trajectory controls read as 'less aligned'; equal to
+    them, as 'not less aligned', whatever the angle; and the controls' rows say 'control'."""
+    def result(cross, reasoning_halves, tool_halves, n=30):
+        rows = {"cross_role": [cross] * n, "reasoning_halves": [reasoning_halves] * n, "tool_halves": [tool_halves] * n,
+                "reasoning_across": [0.3] * n, "tool_across": [0.1] * n}
+        return {"trajectories": n, "all": rows, "0": rows}
+    table = leas.gradient_table([result(0.0, 0.4, 0.2)])
+    assert "finding: cross-role is less aligned than same-role within a trajectory" in table
+    assert all(("control" in line) == ("halves" in line or "half" in line) for line in table.splitlines()
+               if line.startswith(("reasoning", "tool", "control")))
+    assert "finding: cross-role is not less aligned" in leas.gradient_table([result(0.0, 0.0, 0.0)])
+    assert "less aligned than the reasoning halves, not" in leas.gradient_table([result(0.1, 0.5, 0.1)])
+
+
+def test_leas_end_to_end_writes_its_report(cfg_factory, tmp_path, monkeypatch, capsys):
+    """leas.py trains its three variants where --compare keeps the runs of the same settings (and
+    reuses the joint runs a comparison left there), fits, reports, and the second time reuses all."""
+    monkeypatch.chdir(tmp_path)
     cfg = cfg_factory(steps=2, questions_per_step=2, group_size=4)
-    lcfg = leas.LeasConfig(runs=str(tmp_path / "leas"), seeds=2, samples=2, per_family=2, grad_questions=4,
-                           grad_rollouts=4, bootstrap=50)
+    dart.compare_modes(dataclasses.replace(cfg, modes="joint", seeds=2))
+    lcfg = leas.LeasConfig(seeds=2, samples=2, per_family=2, grad_questions=4, grad_rollouts=4, bootstrap=50)
     report = leas.run_leas(cfg, lcfg)
-    saved = json.load(open(tmp_path / "leas" / "leas.json"))
+    folder = os.path.join(dart.runs_folder(cfg), f"r{cfg.lora_rank}")
+    saved = json.load(open(os.path.join(folder, "leas.json")))
     assert set(saved["effects"]) == set(leas.EFFECTS) and saved["kept"] + len(saved["dropped"]) == 8
     assert len(saved["per_seed"]) == 2 and saved["conclusion"] == report["conclusion"]
     assert [g["trajectories"] >= 2 for g in saved["gradients"]] == [True, True] and report["kept"] == saved["kept"]
     printed = capsys.readouterr().out
     assert "lambda23" in printed and "reasoning vs tool" in printed and "conclusion: " in printed
+    assert printed.count("reusing") == 2  # the comparison's two joint runs
     leas.run_leas(cfg, lcfg)  # a second run reuses the six trained variants (three modes, two seeds)
-    assert printed.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 6
+    assert capsys.readouterr().out.count("reusing") == 6
 
 
 def test_seed_interval_and_conclusion():
@@ -1503,6 +1533,41 @@ def test_paired_difference_interval():
         "dart is better at this budget")
 
 
+def test_the_sweep_table_and_chart_from_fake_runs():
+    """One row per rank: each mode's mean±std over seeds and dart's paired differences; the chart
+    marks each interval, its mean and zero."""
+    def runs(rows):
+        return [{"final": {"test_acc": float(np.mean(r)), "test_correct": list(r)}} for r in rows]
+    ones, halves = np.ones((2, 10)), np.tile([1, 0], (2, 5))
+    results = {1: {"joint": runs(halves), "dart": runs(ones)}, 8: {"joint": runs(ones), "dart": runs(ones)}}
+    table = dart.sweep_table(results, ["joint", "dart"], [1, 8]).splitlines()
+    assert table[0] == "| LoRA rank r | joint | dart | dart - joint |"
+    mean, (lo, hi) = dart.paired_difference(ones, halves)
+    assert table[2] == f"| 1 | 50±0 | 100±0 | +50.0 [{lo:+.1f}, {hi:+.1f}] |" and lo > 0
+    assert table[3] == "| 8 | 100±0 | 100±0 | +0.0 [+0.0, +0.0] |"
+    chart = dart.interval_chart([("r=1", 5.0, (1.0, 9.0)), ("r=8", -1.0, (-3.0, 1.0))], width=13).splitlines()
+    assert chart[0] == "     r=1    |[---*---]  +5.0 [+1.0, +9.0]"  # one column a point, from -3 to +9
+    assert chart[1] == "     r=8 [-*|]          -1.0 [-3.0, +1.0]" and chart[2].split() == ["-3", "+9"]
+
+
+def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, monkeypatch, capsys):
+    """--compare --ranks trains each (rank, mode, seed) once, with alpha/r kept, prints a row per rank
+    and the chart; the same command again trains nothing, and one with another mode trains only it."""
+    cfg = cfg_factory(compare=True, ranks="1,2", modes="joint,dart", seeds=1, steps=1, eval_every=1,
+                      questions_per_step=1, out=str(tmp_path / "sweep"))
+    dart.compare_modes(cfg)
+    printed = capsys.readouterr().out
+    assert "| LoRA rank r | joint | dart | dart - joint |" in printed and "dart - joint against the LoRA rank" in printed
+    assert json.load(open(tmp_path / "sweep" / "r2" / "dart-s0" / "config.json"))["alpha"] == 2 * cfg.alpha / cfg.lora_rank
+    trained = []
+    monkeypatch.setattr(dart, "train", lambda run, report=True: trained.append(run.out) or pytest.fail("retrained"))
+    dart.compare_modes(cfg)
+    assert capsys.readouterr().out.count("reusing") == 4 and not trained
+    monkeypatch.undo()
+    dart.compare_modes(dataclasses.replace(cfg, ranks="1", modes="joint,dart,joint2r"))
+    assert capsys.readouterr().out.count("reusing") == 2
+
+
 def test_no_deprecation_warnings_from_the_libraries(make_policy, cfg_factory, tmp_path):
     """A run (rollouts, update, evaluation) and model.generate warn of nothing deprecated."""
     import warnings
@@ -1631,7 +1696,7 @@ def test_a_run_whose_base_is_gone_is_resumed_exported_and_reused(cfg_factory, tm
     kept = shutil.move(recorded, tmp_path / "kept-base")
     dart.main([f"--export_peft={run}"])
     assert os.path.isfile(os.path.join(run, "peft", "reasoning", "adapter_model.safetensors"))
-    leas.train_or_reuse(dart.saved_config(run))  # a finished run: reused, not retrained
+    dart.train_or_reuse(dart.saved_config(run))  # a finished run: reused, not retrained
     assert not os.path.exists(recorded)
     rebuilt = []
 
@@ -1807,8 +1872,9 @@ def test_torchrun_end_to_end_and_resume(cfg_factory, tmp_path):
     checks it each step and raises otherwise), write one run directory, and resume."""
     cfg = cfg_factory()
     dart.load_base(cfg)  # the base is cached: the processes only read it
-    flags = [f"--cache_dir={cfg.cache_dir}", "--device=cpu", "--base_batch=16", "--questions_per_step=2", "--group_size=4",
-             "--eval_per_family=2", "--eval_every=2", "--save_every=1", "--max_new_tokens=48"]
+    flags = [f"--cache_dir={cfg.cache_dir}", "--device=cpu", "--base_batch=16", "--questions_per_step=2",
+             "--group_size=4", "--eval_per_family=2", "--eval_every=2", "--save_every=1", "--max_new_tokens=48",
+             "--lr_schedule=constant"]  # constant: the resume below extends the run
     done = torchrun(flags + ["--steps=2"], tmp_path)
     runs = os.listdir(tmp_path / "runs")
     assert len(runs) == 1 and done.stdout.count("run directory:") == 1
