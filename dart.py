@@ -16,10 +16,10 @@ token to exactly one of them. This file is the whole method, in the order to rea
     5. the update: log-probs, loss masks, one GRPO step on a batch of rollouts
     6. the training loop: RL steps, evaluation, checkpoints, adapters on disk
     7. models: the embedded tiny default (built and warm-started here) or any HF causal LM
-    8. config and command line, the report, --compare, --bench
+    8. config and command line, the report, --compare (and its rank sweep), --bench
     9. several processes (torchrun): the few lines data parallelism needs
 
-    python dart.py                        # tiny model, about 5 minutes on 2 CPU cores
+    python dart.py                        # tiny model, a few minutes on 2 CPU cores
     python dart.py --mode=joint --steps=50
     python dart.py --model=Qwen/Qwen2.5-0.5B-Instruct --device=cuda
 """
@@ -49,7 +49,7 @@ REASONING, TOOL = 0, 1
 OBS, OBS_END, ANSWER, ANSWER_END = "<obs>", "</obs>", "<answer>", "</answer>"
 
 
-def role_tags(tool_names):
+def format_tags(tool_names):
     """Every tag of the format, each of which must be ONE token: <name> and </name> for each
     tool, then the observation and answer tags."""
     return [tag for name in tool_names for tag in (f"<{name}>", f"</{name}>")] + [OBS, OBS_END, ANSWER, ANSWER_END]
@@ -126,7 +126,7 @@ class Routing:
         self.lora_rank = lora_rank
         self.scale = alpha / lora_rank
         self.table = self.scale * torch.tensor(BLOCK_GATES[mode], device=device).repeat_interleave(lora_rank, -1)
-        self.gate = None       # (B, T, blocks * lora_rank), set by route()
+        self.gate = None       # (..., blocks * lora_rank), set by route()
         self.enabled = True    # False = the frozen base model (the KL reference)
 
     @property
@@ -134,28 +134,29 @@ class Routing:
         return self.table.shape[-1] // self.lora_rank
 
     def route(self, roles):
+        """The gate of every position from its role: roles of any shape, a single role for all."""
         self.gate = self.table[roles]
 
 
 class DartLinear(nn.Module):
-    def __init__(self, base, routing, dropout, with_router, generator):
+    def __init__(self, frozen, routing, dropout, with_router, generator):
         super().__init__()
-        self.base = base
+        self.frozen = frozen
         self.routing = routing
         units = routing.blocks * routing.lora_rank
-        A = torch.empty(units, base.in_features)
+        A = torch.empty(units, frozen.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # as nn.Linear and PEFT
-        self.lora_A = nn.Parameter(A.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, units, device=base.weight.device))  # y = W x
+        self.lora_A = nn.Parameter(A.to(frozen.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(frozen.out_features, units, device=frozen.weight.device))  # y = W x
         self.dropout = nn.Dropout(dropout)
         # mixlora: a router in each wrapped linear makes soft gates over the blocks for every token
         self.router = None
         if with_router:
-            self.router = nn.Linear(base.in_features, routing.blocks, bias=False, device=base.weight.device)
+            self.router = nn.Linear(frozen.in_features, routing.blocks, bias=False, device=frozen.weight.device)
             nn.init.zeros_(self.router.weight)  # uniform gates at the start
 
     def forward(self, x):
-        y = self.base(x)
+        y = self.frozen(x)
         if not self.routing.enabled:
             return y
         hidden = F.linear(self.dropout(x), self.lora_A)
@@ -315,12 +316,19 @@ def token_loss(logp, old_logp, ref_logp, advantages, clip_eps, kl_beta):
 # are queued; they are fed instead of sampled ones and carry no loss. Prompts are
 # left-padded, with an explicit attention mask and position ids, the same as in training.
 
-TAGS = role_tags(tools.TOOL_NAMES)
-# The instructions hold whole tool spans, so the positions inside them are routed to the tool
-# adapter, the same way in rollout and training; a prompt must never hold an unclosed tag.
-INSTRUCTIONS = ("Answer the question. Tools: <calc>expression</calc> does arithmetic, "
-                "<lookup>Entity.attribute</lookup> reads a fact; each call is answered in "
-                "<obs>...</obs>. End with <answer>number</answer>.")
+
+def tags():
+    """The format's tags for the tools of the registry (tools.TOOLS)."""
+    return format_tags(tools.TOOLS)
+
+
+def instructions():
+    """A --model's system prompt. It holds whole tool spans, so the positions inside them are
+    routed to the tool adapter, the same way in rollout and training; a prompt must never hold
+    an unclosed tag."""
+    usage = ", ".join(tool.usage for tool in tools.TOOLS.values())
+    return (f"Answer the question. Tools: {usage}; each call is answered in <obs>...</obs>. "
+            f"End with <answer>number</answer>.")
 
 
 @dataclass
@@ -337,13 +345,16 @@ class Special:
 
 
 def special_ids(tok, device="cpu"):
-    ids = {tag: tok.convert_tokens_to_ids(tag) for tag in TAGS}
+    ids = {tag: tok.convert_tokens_to_ids(tag) for tag in tags()}
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return Special(spans=SpanTags.from_vocab(ids.get, tools.TOOL_NAMES, device),
-                   opens={ids[f"<{n}>"]: n for n in tools.TOOL_NAMES},
-                   closes={ids[f"</{n}>"]: n for n in tools.TOOL_NAMES},
-                   obs=ids[OBS], obs_end=ids[OBS_END], answer_end=ids[ANSWER_END],
-                   eos=tok.eos_token_id, pad=pad)
+    return Special(spans=SpanTags.from_vocab(ids.get, tools.TOOLS, device),
+                   opens={ids[f"<{n}>"]: n for n in tools.TOOLS}, closes={ids[f"</{n}>"]: n for n in tools.TOOLS},
+                   obs=ids[OBS], obs_end=ids[OBS_END], answer_end=ids[ANSWER_END], eos=tok.eos_token_id, pad=pad)
+
+
+def autocast(device, dtype):
+    """torch.autocast to `dtype` on the device's kind, or nothing for full precision (None)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.split(":")[0], dtype=dtype)
 
 
 @dataclass
@@ -354,15 +365,9 @@ class Policy:
     special: Special
     routing: Routing
     device: str
-    amp_dtype: torch.dtype = None    # autocast dtype of sampling and evaluation, None = full precision
-    train_dtype: torch.dtype = None  # autocast dtype of the update's forwards and backward
+    sample_dtype: torch.dtype = None  # autocast dtype of sampling and evaluation, None = full precision
+    train_dtype: torch.dtype = None   # autocast dtype of the update's forwards and backward
     in_update: bool = False
-
-    def autocast(self):
-        dtype = self.train_dtype if self.in_update else self.amp_dtype
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.split(":")[0], dtype=dtype)
 
     @contextlib.contextmanager
     def update_precision(self):
@@ -372,7 +377,7 @@ class Policy:
         every micro-batch: autocast would make the same cast, so the numbers are identical, and the
         price is a second copy of those weights during the update. The other way round (bfloat16
         sampling, a float32 update) is refused by autocast_dtypes: the float32 originals are gone."""
-        held, wanted = self.amp_dtype or torch.float32, self.train_dtype or torch.float32
+        held, wanted = self.sample_dtype or torch.float32, self.train_dtype or torch.float32
         restore = hold_frozen_linears(self.model, wanted) if wanted != held else (lambda: None)
         self.in_update = True
         try:
@@ -387,7 +392,7 @@ class Policy:
                               cache=caches[agent] if caches else None, use_cache=caches is not None,
                               logits_to_keep=logits_to_keep).logits
 
-        with self.autocast():
+        with autocast(self.device, self.train_dtype if self.in_update else self.sample_dtype):
             return routed_forward(forward, self.routing, roles)
 
 
@@ -413,7 +418,7 @@ def hold_frozen_linears(model, dtype):
 def prompt_ids(tok, question):
     """The prompt: the model's chat template with tool instructions, or (tiny model) <bos>question\\n."""
     if tok.chat_template:
-        messages = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": question}]
+        messages = [{"role": "system", "content": instructions()}, {"role": "user", "content": question}]
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tok.encode(text, add_special_tokens=False)
     return [tok.bos_token_id] + tok.encode(question + "\n", add_special_tokens=False)
@@ -422,7 +427,7 @@ def prompt_ids(tok, question):
 def observation_ids(tok, special, text, max_tokens):
     """Tokens the environment inserts: <obs> text </obs>, tokenized once, tags in the text removed
     (they would change roles), the text cut to max_tokens."""
-    for tag in TAGS:
+    for tag in tags():
         text = text.replace(tag, "")
     return [special.obs] + tok.encode(text, add_special_tokens=False)[:max_tokens] + [special.obs_end]
 
@@ -430,19 +435,19 @@ def observation_ids(tok, special, text, max_tokens):
 def trajectory_ids(tok, special, trajectory, max_obs_tokens):
     """A written-out trajectory as (token ids, written-by-policy 0/1 list): the observations are
     tokenized by observation_ids and cut to max_obs_tokens, exactly as the environment inserts them."""
-    ids, written = [], []
+    ids, by_policy = [], []
     rest = trajectory
     while rest:
         before, _, after = rest.partition(OBS)
         content, _, rest = after.partition(OBS_END)
         piece = tok.encode(before, add_special_tokens=False)
         ids += piece
-        written += [1] * len(piece)
+        by_policy += [1] * len(piece)
         if after:
             obs = observation_ids(tok, special, content, max_obs_tokens)
             ids += obs
-            written += [0] * len(obs)
-    return ids, written
+            by_policy += [0] * len(obs)
+    return ids, by_policy
 
 
 def position_ids(attention_mask):
@@ -463,9 +468,9 @@ class Rollout:
     written_by_policy: torch.Tensor  # (B, N) True where the policy wrote the token (the loss mask)
     logprobs: torch.Tensor        # (B, N) sampling log-prob of each policy token (0 elsewhere)
     texts: list                   # decoded responses
-    tool_calls: list              # per row: calls that reached a tool (at most max_tool_calls)
-    observations: list            # per row: observations the environment inserted
-    invalid_calls: list           # per row: observations that were errors (malformed or failed calls)
+    call_counts: list             # per row, how many calls reached a tool (at most max_tool_calls)
+    observation_counts: list      # per row, how many observations the environment inserted
+    error_counts: list            # per row, how many of them were errors (malformed or failed calls)
 
     @property
     def prompt_len(self):
@@ -480,7 +485,7 @@ class EnvState:
     argument: list = field(default_factory=list)
     calls: int = 0                              # calls that reached a tool
     observations: int = 0
-    invalid: int = 0
+    errors: int = 0
 
 
 def env_step(state, token, policy, registry, cfg):
@@ -510,7 +515,7 @@ def env_step(state, token, policy, registry, cfg):
     if result is not None:
         state.tool = None
         state.observations += 1
-        state.invalid += result.startswith("error:")
+        state.errors += result.startswith("error:")
         state.queue.extend(observation_ids(policy.tok, special, result, cfg.max_obs_tokens))
 
 
@@ -524,21 +529,16 @@ def sample(logits, temperature, generator):
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
-def pad_rows(rows, value, side, device):
+def pad_sequences(sequences, value, side, device):
     """Lists of different lengths as one (B, width) tensor padded on `side`, and its 0/1 mask."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), value)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, cols] = torch.tensor(row)
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), value)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        cols = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
+        ids[i, cols] = torch.tensor(sequence)
         mask[i, cols] = 1
     return ids.to(device), mask.to(device)  # built on the host, one copy each to the device
-
-
-def left_pad(prompts, pad, device):
-    """Prompts of different lengths as one (B, width) tensor, padded on the left, and its mask."""
-    return pad_rows(prompts, pad, "left", device)
 
 
 def share_prompts(prompts):
@@ -569,16 +569,16 @@ def environment_turn(states, live, sampled, policy, registry, cfg):
     then reads. Returns each row's token, whether the policy wrote it, and whether the row is still
     writing afterwards (it stops after writing eos or </answer>)."""
     special = policy.special
-    tokens, written, active = [special.pad] * len(states), [False] * len(states), [False] * len(states)
+    tokens, by_policy, active = [special.pad] * len(states), [False] * len(states), [False] * len(states)
     for i, token in zip(live, sampled):
         state = states[i]
         if state.queue:
             tokens[i], active[i] = state.queue.popleft(), True
             continue
-        tokens[i], written[i] = token, True
+        tokens[i], by_policy[i] = token, True
         env_step(state, token, policy, registry, cfg)
         active[i] = token not in (special.eos, special.answer_end)
-    return tokens, written, active
+    return tokens, by_policy, active
 
 
 @torch.no_grad()
@@ -587,25 +587,25 @@ def rollout(policy, registry, prompts, cfg, temperature, generator=None):
     runs on the host, and each step reads the device once (the sampled tokens): a read is a sync,
     which on a GPU stalls the queue of work."""
     special, device = policy.special, policy.device
-    batch, width = len(prompts), max(map(len, prompts))
+    batch_size, width = len(prompts), max(map(len, prompts))
     # 1. the prompts, left-padded, each distinct one read once
-    ids, attention = left_pad(prompts, special.pad, device)
+    ids, attention = pad_sequences(prompts, special.pad, "left", device)
     roles, position = token_roles(ids, special.spans), position_ids(attention)
     caches = new_caches(policy)
     logits = read_prompts(policy, prompts, ids, attention, position, roles, caches)
     role, position = roles[:, -1], position[:, -1]
     # 2. decode: every live row advances one token per step
-    states = [EnvState() for _ in range(batch)]
-    live = list(range(batch))  # rows still writing, in the order of the caches' rows
-    rows = torch.arange(batch, device=device)  # the same, on the device
+    states = [EnvState() for _ in range(batch_size)]
+    live = list(range(batch_size))  # rows still writing, in the order of the caches' rows
+    live_on_device = torch.arange(batch_size, device=device)
     steps = []  # per step: (token, written by the policy, row was live, sampling log-prob, role)
     for _ in range(cfg.max_new_tokens):
         sampled, logp = sample(logits, temperature, generator)
-        tokens, written, active = environment_turn(states, live, sampled.tolist(), policy, registry, cfg)
-        token, by_policy = torch.tensor([tokens, written], device=device)
+        tokens, by_policy, active = environment_turn(states, live, sampled.tolist(), policy, registry, cfg)
+        token, by_policy = torch.tensor([tokens, by_policy], device=device)
         by_policy = by_policy.bool()
-        was_live = torch.zeros(batch, dtype=torch.long, device=device).index_fill(0, rows, 1)
-        logp = torch.zeros(batch, device=device).index_copy(0, rows, logp)
+        was_live = torch.zeros(batch_size, dtype=torch.long, device=device).index_fill(0, live_on_device, 1)
+        logp = torch.zeros(batch_size, device=device).index_copy(0, live_on_device, logp)
         role = next_role(role, token, special.spans)
         position = position + was_live
         attention = torch.cat([attention, was_live[:, None]], 1)
@@ -618,18 +618,18 @@ def rollout(policy, registry, prompts, cfg, temperature, generator=None):
             for cache in caches:
                 cache.reorder_cache(torch.tensor(still, device=device))
             live = [live[j] for j in still]
-            rows = torch.tensor(live, device=device)
-        logits = policy.logits(token[rows, None], attention[rows], position[rows, None], role[rows, None],
-                               caches, 1)[:, -1]
+            live_on_device = torch.tensor(live, device=device)
+        logits = policy.logits(token[live_on_device, None], attention[live_on_device],
+                               position[live_on_device, None], role[live_on_device, None], caches, 1)[:, -1]
     # 4. the batch as training reads it, and the responses as text
-    response, written, response_attention, logprobs, new_roles = (torch.stack(column, 1) for column in zip(*steps))
+    response, by_policy, response_attention, logprobs, new_roles = (torch.stack(column, 1) for column in zip(*steps))
     texts = [policy.tok.decode([t for t, on in zip(row, mask) if on])
              for row, mask in zip(response.tolist(), response_attention.tolist())]
     return Rollout(ids=torch.cat([ids, response], 1),
                    attention_mask=torch.cat([attention[:, :width], response_attention], 1),
-                   roles=torch.cat([roles, new_roles], 1), written_by_policy=written, logprobs=logprobs,
-                   texts=texts, tool_calls=[s.calls for s in states], observations=[s.observations for s in states],
-                   invalid_calls=[s.invalid for s in states])
+                   roles=torch.cat([roles, new_roles], 1), written_by_policy=by_policy, logprobs=logprobs,
+                   texts=texts, call_counts=[s.calls for s in states],
+                   observation_counts=[s.observations for s in states], error_counts=[s.errors for s in states])
 
 
 # -----------------------------------------------------------------------------
@@ -668,16 +668,16 @@ def response_logprobs(policy, ids, attention_mask, prompt_len, temperature, with
 
 @dataclass
 class MicroBatch:
-    rows: torch.Tensor  # rows of the batch
-    length: int         # the longest response among them
-    prompts: list       # per row, its question's distinct prompt: rows with the same one read it once
+    index: torch.Tensor  # the batch's rows it holds
+    length: int          # the longest response among them
+    prompts: list        # per row, its question's distinct prompt: rows with the same one read it once
 
 
-def micro_batches(batch, micro_batch):
-    """Rows micro_batch at a time, each micro-batch cut to the length of its longest response (short
-    answers are not padded to the longest of the batch). Rows are ordered by the longest response
-    of their question's group, then by question, so that a question's rows stay together and
-    share the reading of their prompt. Planned on the host from two reads, before the update
+def micro_batches(batch, size):
+    """The batch's rows `size` at a time, each micro-batch cut to the length of its longest response
+    (short answers are not padded to the longest of the batch). Rows are ordered by the longest
+    response of their question's group, then by question, so that a question's rows stay together
+    and share the reading of their prompt. Planned on the host from two reads, before the update
     starts, so that its loop over micro-batches never waits on the device."""
     lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1).tolist()
     _, of_row = share_prompts(batch.ids[:, :batch.prompt_len].tolist())
@@ -686,41 +686,46 @@ def micro_batches(batch, micro_batch):
         group_length[group] = max(group_length.get(group, 0), lengths[row])
     order = sorted(range(len(lengths)), key=lambda row: (-group_length[of_row[row]], of_row[row]))
     return [MicroBatch(torch.tensor(rows, device=batch.ids.device), max(lengths[r] for r in rows),
-                       [of_row[r] for r in rows]) for rows in (order[i:i + micro_batch]
-                                                                 for i in range(0, len(order), micro_batch))]
+                       [of_row[r] for r in rows]) for rows in (order[i:i + size] for i in range(0, len(order), size))]
 
 
-def chunk_logprobs(policy, batch, chunk, temperature, with_entropy=True):
+def micro_batch_logprobs(policy, batch, part, temperature, with_entropy=True):
     """response_logprobs of a micro-batch's rows, computed on their first `length` response slots
     and padded back to the batch's width with zeros (those slots carry no loss)."""
-    end = batch.prompt_len + chunk.length
-    logp, entropy = response_logprobs(policy, batch.ids[chunk.rows, :end], batch.attention_mask[chunk.rows, :end],
-                                      batch.prompt_len, temperature, with_entropy, [[key] for key in chunk.prompts])
-    pad = (0, batch.written_by_policy.shape[1] - chunk.length)
+    end = batch.prompt_len + part.length
+    logp, entropy = response_logprobs(policy, batch.ids[part.index, :end], batch.attention_mask[part.index, :end],
+                                      batch.prompt_len, temperature, with_entropy, [[key] for key in part.prompts])
+    pad = (0, batch.written_by_policy.shape[1] - part.length)
     return F.pad(logp, pad), entropy if entropy is None else F.pad(entropy, pad)
 
 
-def loss_mask(batch, special, mode):
-    """Which response tokens carry loss: those the policy wrote, of the role(s) the mode trains."""
-    target_roles = token_roles(batch.ids, special.spans)[:, batch.prompt_len - 1:-1]  # role that predicted each token
+def predicting_roles(batch, special):
+    """(B, N): the role of the position that predicted each response token (the adapter that wrote it)."""
+    return token_roles(batch.ids, special.spans)[:, batch.prompt_len - 1:-1]
+
+
+def loss_mask(batch, roles, mode):
+    """Which response tokens carry loss: those the policy wrote, of the role(s) the mode trains
+    (`roles`: predicting_roles)."""
     if mode == "reason_only":
-        return batch.written_by_policy & (target_roles == REASONING), target_roles
+        return batch.written_by_policy & (roles == REASONING)
     if mode == "tool_only":
-        return batch.written_by_policy & (target_roles == TOOL), target_roles
-    return batch.written_by_policy, target_roles
+        return batch.written_by_policy & (roles == TOOL)
+    return batch.written_by_policy
 
 
 @torch.no_grad()
-def reference_logprobs(policy, batch, chunks, temperature):
+def reference_logprobs(policy, batch, parts, temperature):
     """Log-probs of the batch's response tokens under the KL reference (the adapters off)."""
     ref_logp = torch.zeros_like(batch.logprobs)
     with adapters_off(policy.routing):
-        for chunk in chunks:
-            ref_logp[chunk.rows] = chunk_logprobs(policy, batch, chunk, temperature, with_entropy=False)[0]
+        for part in parts:
+            ref_logp[part.index] = micro_batch_logprobs(policy, batch, part, temperature, with_entropy=False)[0]
     return ref_logp
 
 
 def trainable(model):
+    """The adapters (and mixlora's routers): the only parameters with a gradient."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -736,23 +741,24 @@ def grpo_update(policy, optimizer, batch, advantages, cfg):
     the adapters as they were."""
     params = trainable(policy.model)
     # 1. which tokens carry loss, and each one's weight in the batch's loss
-    mask, target_roles = loss_mask(batch, policy.special, cfg.mode)
+    roles = predicting_roles(batch, policy.special)
+    mask = loss_mask(batch, roles, cfg.mode)
     weights = token_weights(mask, cfg.loss_agg, cfg.max_new_tokens, all_reduce_sum(batch_totals(mask)))
-    chunks = micro_batches(batch, cfg.micro_batch)
-    log = UpdateLog(batch, mask, target_roles)
+    parts = micro_batches(batch, cfg.micro_batch)
+    log = UpdateLog(batch, mask, roles)
     with policy.update_precision():
         # 2. the reference's log-probs: it does not change between updates, so one forward per batch
-        ref_logp = torch.where(mask, reference_logprobs(policy, batch, chunks, cfg.temperature), 0.0) \
+        ref_logp = torch.where(mask, reference_logprobs(policy, batch, parts, cfg.temperature), 0.0) \
             if cfg.kl_beta > 0 else None
         old_logp = []  # pi_old per micro-batch: the first pass's own log-probs
         for update in range(cfg.updates_per_batch):
             # 3. forward and backward micro-batch by micro-batch; the gradients add up
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), dtype=torch.float64, device=mask.device)
-            for i, chunk in enumerate(chunks):
-                rows = chunk.rows
+            for i, part in enumerate(parts):
+                rows = part.index
                 with lora_dropout_on(policy.model):
-                    logp, entropy = chunk_logprobs(policy, batch, chunk, cfg.temperature)
+                    logp, entropy = micro_batch_logprobs(policy, batch, part, cfg.temperature)
                 logp = torch.where(mask[rows], logp, 0.0)
                 if update == 0:
                     old_logp.append(logp.detach())
@@ -781,8 +787,8 @@ class UpdateLog:
     and read at the end, when the update's work is done: a read inside the loop would make the
     host wait for the GPU before it could queue the next micro-batch."""
 
-    def __init__(self, batch, mask, target_roles):
-        self.batch, self.mask, self.target_roles = batch, mask, target_roles
+    def __init__(self, batch, mask, roles):
+        self.batch, self.mask, self.roles = batch, mask, roles
         self.pieces = []
         self.passes, self.skipped = 0, 0
 
@@ -798,11 +804,11 @@ class UpdateLog:
             if update == 0:
                 sums["sampler_gap"] += (logp - self.batch.logprobs[rows])[on].abs().sum().item()
             for role, name in roles:
-                sel = on & (self.target_roles[rows] == role)
+                sel = on & (self.roles[rows] == role)
                 sums[f"loss_{name}"] += per_token[sel].sum().item()
                 sums[f"kl_{name}"] += kl[sel].sum().item()
                 sums[f"entropy_{name}"] += entropy[sel].sum().item()
-        counts = {name: (self.mask & (self.target_roles == role)).sum().item() for role, name in roles}
+        counts = {name: (self.mask & (self.roles == role)).sum().item() for role, name in roles}
         summed = all_reduce_sum(torch.tensor(list(sums.values()) + list(counts.values()), dtype=torch.float64,
                                              device=self.mask.device)).tolist()
         sums, counts = dict(zip(sums, summed)), dict(zip(counts, summed[len(sums):]))
@@ -823,12 +829,17 @@ class DartError(Exception):
     """A problem with the user's input or files: main() prints it as one line, no traceback."""
 
 
-def format_health(texts, observations):
-    """Shares of responses with a well-formed <answer>...</answer> and of responses that called a
-    tool (the environment answered at least one call): a model without the format scores zero
-    everywhere, and GRPO has nothing to learn from."""
-    return {"answered": float(np.mean([toy_tasks.parse_answer(t) is not None for t in texts])),
-            "called_tool": float(np.mean([n > 0 for n in observations]))}
+def call_stats(texts, call_counts, observation_counts, error_counts):
+    """Tool use and format of a set of responses: calls per response, the share of observations that
+    were not errors (None, not 100%, when there was none), errors per response, and format health:
+    the shares of responses with a well-formed <answer> and of those the environment answered a call
+    of (a model without the format scores zero everywhere, and GRPO has nothing to learn from)."""
+    observations = sum(observation_counts)
+    return {"tool_calls": float(np.mean(call_counts)),
+            "valid_calls": 1 - sum(error_counts) / observations if observations else None,
+            "invalid_calls": float(np.mean(error_counts)),
+            "answered": float(np.mean([toy_tasks.parse_answer(t) is not None for t in texts])),
+            "called_tool": float(np.mean([n > 0 for n in observation_counts]))}
 
 
 def skill_rates(tasks, texts):
@@ -846,26 +857,24 @@ def skill_rates(tasks, texts):
 
 @torch.no_grad()
 def evaluate(policy, registry, tasks, cfg, batch_size=256):
-    """Greedy accuracy on `tasks`, per family, with tool-call statistics, format health and
-    each question's 0/1 result (for paired comparisons between runs). Under torchrun every
-    process answers a share of the questions."""
+    """Greedy accuracy on `tasks`, per family and per skill, with tool use, format health and each
+    question's 0/1 result (for paired comparisons between runs). Under torchrun every process
+    answers a share of the questions."""
     rank, count = process_rank(), process_count()
     mine = list(range(rank, len(tasks), count))
-    rows = []
+    answers = []
     for start in tqdm(range(0, len(mine), batch_size), desc="eval", leave=False, disable=rank > 0):
-        chunk = [tasks[i] for i in mine[start:start + batch_size]]
-        out = rollout(policy, registry, [prompt_ids(policy.tok, t.question) for t in chunk], cfg, temperature=0)
-        rows += zip(mine[start:start + batch_size], [int(toy_tasks.reward(text, t) == 1.0) for text, t in zip(
-            out.texts, chunk)], out.tool_calls, out.observations, out.invalid_calls, out.texts)
-    _, correct, calls, observations, invalid, texts = (list(column) for column in zip(*sorted(gather_lists(rows))))
+        index = mine[start:start + batch_size]
+        out = rollout(policy, registry, [prompt_ids(policy.tok, tasks[i].question) for i in index], cfg, temperature=0)
+        answers += zip(index, [int(toy_tasks.reward(text, tasks[i]) == 1.0) for text, i in zip(out.texts, index)],
+                       out.call_counts, out.observation_counts, out.error_counts, out.texts)
+    _, correct, calls, observations, errors, texts = (list(column) for column in zip(*sorted(gather_lists(answers))))
     metrics = {"acc": float(np.mean(correct))}
     for family in sorted({t.family for t in tasks}):
         metrics[f"acc_{family}"] = float(np.mean([c for c, t in zip(correct, tasks) if t.family == family]))
     metrics.update(skill_rates(tasks, texts))
-    metrics["tool_calls"] = float(np.mean(calls))
-    # share of answered calls that worked; None (not 100%) when the policy made no call at all
-    metrics["valid_calls"] = 1 - sum(invalid) / sum(observations) if sum(observations) else None
-    metrics.update(format_health(texts, observations))
+    stats = call_stats(texts, calls, observations, errors)
+    metrics.update({key: stats[key] for key in ("tool_calls", "valid_calls", "answered", "called_tool")})
     metrics["correct"] = correct
     return metrics
 
@@ -877,9 +886,13 @@ def clock(device):
     return time.perf_counter()
 
 
+SEED_STRIDE = 1_000_003  # a prime above any step count: (seed, step) pairs never share a seed
+RANK_STRIDE = 7919       # a prime apart from it: each process's sampling seed differs from every other's
+
+
 def step_seed(seed, step):
     """Every random choice of a step derives from (seed, step): a resumed run replays exactly."""
-    return seed * 1_000_003 + step
+    return seed * SEED_STRIDE + step
 
 
 def warmup_ramp(step, warmup_steps):
@@ -924,15 +937,18 @@ def peak_memory_mb(device):
 
 def rl_step(policy, optimizer, registry, world, cfg, step):
     """Sample a batch of train questions, roll out G answers each, score, update. Under torchrun
-    every process draws the same questions and rolls out its share of them."""
+    every process draws the same questions and rolls out its share of them. Returns the step's
+    metrics and its speed (kept apart: times differ from run to run, metrics do not)."""
     rank = process_rank()
-    rng = random.Random(step_seed(cfg.seed, step))  # the same questions in every process
-    sampling_seed = step_seed(cfg.seed, step) + 7919 * rank  # each process its own rollouts and dropout
+    # 1. the step's questions (the same in every process) and its own sampling seed
+    rng = random.Random(step_seed(cfg.seed, step))
+    sampling_seed = step_seed(cfg.seed, step) + RANK_STRIDE * rank
     torch.manual_seed(sampling_seed)  # LoRA dropout
     generator = torch.Generator(policy.device).manual_seed(sampling_seed)
     tasks = [toy_tasks.sample_task(rng, world, "train") for _ in range(cfg.questions_per_step)]
     share = cfg.questions_per_step // process_count()
     tasks = tasks[rank * share:(rank + 1) * share]
+    # 2. G rollouts per question, scored against the gold answer
     prompts = [prompt_ids(policy.tok, t.question) for t in tasks for _ in range(cfg.group_size)]
     started = clock(policy.device)
     batch = rollout(policy, registry, prompts, cfg, cfg.temperature, generator)
@@ -940,34 +956,26 @@ def rl_step(policy, optimizer, registry, world, cfg, step):
     rewards = [toy_tasks.reward(text, tasks[i // cfg.group_size], cfg.format_bonus)
                for i, text in enumerate(batch.texts)]
     advantages = group_advantages(torch.tensor(rewards).view(len(tasks), cfg.group_size), cfg.scale_std)
+    # 3. the update
     started = clock(policy.device)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(cfg, step)
     metrics = grpo_update(policy, optimizer, batch, advantages.flatten().to(policy.device), cfg)
     update_seconds = clock(policy.device) - started
-    sampled_tokens = batch_metrics(metrics, batch, rewards, cfg.group_size)
-    speed = {"rollout_s": rollout_seconds, "update_s": update_seconds, "sampled_tokens": sampled_tokens,
+    # 4. what the step's rollouts did, over every process's
+    lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1).tolist()
+    rewards, calls, errors, observations, lengths, texts = (list(column) for column in zip(*gather_lists(list(zip(
+        rewards, batch.call_counts, batch.error_counts, batch.observation_counts, lengths, batch.texts)))))
+    stats = call_stats(texts, calls, observations, errors)
+    rewards = torch.tensor(rewards).view(-1, cfg.group_size)
+    metrics.update(reward=rewards.mean().item(), accuracy=(rewards == 1).float().mean().item(),
+                   **{key: stats[key] for key in ("tool_calls", "invalid_calls", "answered", "called_tool")},
+                   response_tokens=float(np.mean(lengths)),
+                   zero_variance_groups=(rewards.std(-1) == 0).float().mean().item())
+    speed = {"rollout_s": rollout_seconds, "update_s": update_seconds, "sampled_tokens": int(sum(lengths)),
              "trained_tokens": metrics["tokens_reason"] + metrics["tokens_tool"],
              "peak_mb": peak_memory_mb(policy.device)}
     return metrics, speed
-
-
-def batch_metrics(metrics, batch, rewards, group_size):
-    """Add the reward, accuracy, tool use, format and length of the step's rollouts (every
-    process's) to `metrics`; returns the number of tokens sampled."""
-    lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1).tolist()
-    rows = gather_lists(list(zip(rewards, batch.tool_calls, batch.invalid_calls, batch.observations, lengths,
-                                 batch.texts)))
-    rewards, calls, invalid, observations, lengths, texts = (list(column) for column in zip(*rows))
-    rewards = torch.tensor(rewards).view(-1, group_size)
-    metrics.update(reward=rewards.mean().item(),
-                   accuracy=(rewards == 1).float().mean().item(),
-                   tool_calls=float(np.mean(calls)),
-                   invalid_calls=float(np.mean(invalid)),
-                   **format_health(texts, observations),
-                   response_tokens=float(np.mean(lengths)),
-                   zero_variance_groups=(rewards.std(-1) == 0).float().mean().item())
-    return int(sum(lengths))
 
 
 def adapter_state(model):
@@ -987,17 +995,22 @@ def load_trainable(model, state):
     model.load_state_dict(state, strict=False)
 
 
+def block_units(block, lora_rank):
+    """The intermediate units of adapter block `block` (0: reasoning, 1: tool) in a DART layer."""
+    return slice(block * lora_rank, (block + 1) * lora_rank)
+
+
 def load_adapter_block(model, state, block, lora_rank):
     """Copy a single-block adapter (a joint / reason_only / tool_only run) into block `block` of
     this model's layers: the inference-time hybrids of LEAS cost no training."""
     params = dict(model.named_parameters())
+    units = block_units(block, lora_rank)
     with torch.no_grad():
         for name, value in state.items():
-            rows = slice(block * lora_rank, (block + 1) * lora_rank)
             if name.endswith("lora_A"):
-                params[name][rows] = value
+                params[name][units] = value
             elif name.endswith("lora_B"):
-                params[name][:, rows] = value
+                params[name][:, units] = value
 
 
 def atomic_write(path, write):
@@ -1014,16 +1027,20 @@ def write_json(path, value):
     atomic_write(path, write)
 
 
-# what a checkpoint's adapters depend on: resuming with any of these changed would load them wrongly
-ADAPTER_IDENTITY = ("model", "mode", "lora_rank", "alpha", "targets", "cached_base")
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def save_checkpoint(run_dir, policy, optimizer, cfg, step):
+    """checkpoint.pt (adapters, optimizer, step and the run's settings: what --resume needs) and
+    adapters.safetensors (the adapters alone, for inference, LEAS and the PEFT export)."""
     from safetensors.torch import save_file
     state = adapter_state(policy.model)
-    identity = {key: getattr(cfg, key) for key in ADAPTER_IDENTITY}
     atomic_write(os.path.join(run_dir, "checkpoint.pt"), lambda p: torch.save(
-        {"step": step, "adapters": state, "optimizer": optimizer.state_dict(), "identity": identity}, p))
+        {"step": step, "adapters": state, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)}, p))
     metadata = {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg))}
     atomic_write(os.path.join(run_dir, "adapters.safetensors"), lambda p: save_file(state, p, metadata=metadata))
 
@@ -1038,11 +1055,10 @@ def load_checkpoint(run_dir, policy, optimizer, cfg):
         # onto the CPU: AdamW keeps its step counts there (loaded onto a GPU, every optimizer step
         # would wait on a read of each of them); load_state_dict moves the rest to the adapters' device
         state = torch.load(path, map_location="cpu", weights_only=True)
-        identity = {key: getattr(cfg, key) for key in ADAPTER_IDENTITY}
-        if (saved := state.get("identity", identity)) != identity:
-            key = next(k for k in ADAPTER_IDENTITY if saved.get(k) != identity[k])
-            raise DartError(f"{path} holds adapters of another run (its {key} is {saved.get(key)!r}, not "
-                            f"{identity[key]!r}). {advice}")
+        saved = Config(**state["config"])
+        if changed := differing_setting(saved, cfg, RESUME_MAY_CHANGE):
+            raise DartError(f"{path} holds adapters of another run (its --{changed} is {getattr(saved, changed)!r}, "
+                            f"not {getattr(cfg, changed)!r}). {advice}")
         load_trainable(policy.model, state["adapters"])
         optimizer.load_state_dict(state["optimizer"])
         return int(state["step"])
@@ -1070,35 +1086,27 @@ def write_peft_adapters(run_dir):
                         f"resume the run to write it again") from e
     names = ("reasoning", "tool") if BLOCK_GATES[cfg.mode] == BLOCK_GATES["dart"] else ("shared",)
     lora_rank = cfg.lora_rank * (2 if cfg.mode == "joint2r" else 1)  # joint2r: one rank-2r LoRA, scale alpha / 2r
-    written = []
+    folders = []
     for block, name in enumerate(names):
-        rows = slice(block * lora_rank, (block + 1) * lora_rank)
+        units = block_units(block, lora_rank)
         tensors = {}
         for key, value in state.items():  # e.g. model.layers.0.self_attn.q_proj.lora_A
             module, part = key.rsplit(".", 1)
-            if part not in ("lora_A", "lora_B") or value.shape[0 if part == "lora_A" else 1] < rows.stop:
+            if part not in ("lora_A", "lora_B") or value.shape[0 if part == "lora_A" else 1] < units.stop:
                 raise DartError(f"{path} does not hold this run's adapters ({key} has shape {tuple(value.shape)})")
-            tensors[f"base_model.model.{module}.{part}.weight"] = (value[rows] if part == "lora_A"
-                                                                   else value[:, rows]).contiguous()
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_rank, "lora_alpha": cfg.alpha,
-                  "lora_dropout": cfg.lora_dropout, "bias": "none", "fan_in_fan_out": False,
-                  "target_modules": sorted({k.rsplit(".", 2)[1] for k in state}),
-                  "base_model_name_or_path": cfg.cached_base or os.path.abspath(base_path(cfg)), "inference_mode": True,
-                  "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None}
+            tensors[f"base_model.model.{module}.{part}.weight"] = (value[units] if part == "lora_A"
+                                                                   else value[:, units]).contiguous()
         folder = os.path.join(run_dir, "peft", name)
         os.makedirs(folder, exist_ok=True)
         save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
-        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-            json.dump(config, f, indent=1)
-        written.append(folder)
-    return written
-
-
-def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        write_json(os.path.join(folder, "adapter_config.json"), {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_rank, "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.lora_dropout, "bias": "none", "fan_in_fan_out": False,
+            "target_modules": sorted({k.rsplit(".", 2)[1] for k in state}),
+            "base_model_name_or_path": cfg.cached_base or os.path.abspath(base_path(cfg)), "inference_mode": True,
+            "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None})
+        folders.append(folder)
+    return folders
 
 
 def saved_config(run_dir):
@@ -1127,7 +1135,8 @@ RESUME_MAY_CHANGE = NOT_THE_RUN | {"steps", "eval_every", "eval_per_family", "sa
 
 
 def differing_setting(saved, cfg, may_differ):
-    """The first setting, outside `may_differ`, in which two configs differ (None when they agree)."""
+    """The first setting, outside `may_differ`, in which two configs differ (None when they agree):
+    the one check behind --resume, a checkpoint's loading, and the reuse of finished runs."""
     return next((f.name for f in dataclasses.fields(cfg)
                  if f.name not in may_differ and getattr(cfg, f.name) != getattr(saved, f.name)), None)
 
@@ -1155,12 +1164,7 @@ def runs_folder(cfg):
     shared = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k not in NOT_THE_RUN | {"mode", "seed", "lora_rank", "alpha"}}
     shared["alpha_over_rank"] = cfg.alpha / cfg.lora_rank
-    name = "".join(c if c.isalnum() else "-" for c in os.path.basename(os.path.normpath(cfg.model)))
-    return os.path.join("runs", f"{name}-{short_hash(shared)}")
-
-
-def timestamped_dir(name):
-    return os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{name}")
+    return os.path.join("runs", f"{folder_name(cfg.model)}-{short_hash(shared)}")
 
 
 NO_SIGNAL_STEPS = 3
@@ -1178,7 +1182,7 @@ def no_signal_warning(history):
     return (f"warning: no learning signal: in the first {NO_SIGNAL_STEPS} steps all rollouts of each question got "
             f"the same reward ({np.mean([r['accuracy'] for r in steps]):.0%} right, "
             f"{np.mean([r['answered'] for r in steps]):.0%} with a well-formed <answer>), so every advantage is 0 "
-            f"and nothing is learned. Give the model the format first (--warm_start=N steps of supervised "
+            f"and nothing is learned. Give the model the format first (--warm_steps=N steps of supervised "
             f"warm start), add --format_bonus=0.1, or use a stronger --model; Ctrl-C stops this run.")
 
 
@@ -1227,12 +1231,15 @@ def train(cfg, report=True):
     """The whole RL run. Returns the run directory, which holds config.json, metrics.jsonl (one
     JSON object per step; eval results on eval steps), speed.jsonl, checkpoint.pt,
     adapters.safetensors and results.md. Under torchrun only rank 0 writes and prints."""
+    # 1. the settings, checked before anything is built; the folder; the base this run trains on
     check_config(cfg)
     check_process_count(cfg)
-    cfg.out = broadcast_from_first(cfg.out or timestamped_dir(f"{cfg.mode}-s{cfg.seed}"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    cfg.out = broadcast_from_first(cfg.out or os.path.join("runs", f"{stamp}-{cfg.mode}-s{cfg.seed}"))
     if not cfg.resume and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
         raise DartError(f"{cfg.out} already holds a run; continue it with --resume={cfg.out}, or pass another --out")
     cfg.cached_base = cfg.cached_base or os.path.abspath(base_path(cfg))  # recorded: a resumed run reuses this base
+    # 2. the policy, the world, the optimizer (and a resumed run's checkpoint)
     with first_process_first():
         policy = load_policy(cfg)
     reset_peak_memory(policy.device)  # a run's peak memory counts from here, the model loaded
@@ -1242,6 +1249,7 @@ def train(cfg, report=True):
     optimizer = make_optimizer(policy, cfg)
     start = load_checkpoint(cfg.out, policy, optimizer, cfg) if cfg.resume else 0
     files = RunFiles(cfg, start)
+    # 3. the loop: an evaluation every eval_every steps and after the last, a checkpoint every save_every
     bar = tqdm(range(start, cfg.steps + 1), desc=f"RL {cfg.mode}", initial=start, total=cfg.steps + 1,
                disable=not files.writes)
     for step in bar:
@@ -1261,6 +1269,7 @@ def train(cfg, report=True):
         files.log(record, speed)
         if step < cfg.steps and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             files.checkpoint(policy, optimizer, cfg, step + 1)
+    # 4. results.md, and the report: the table, the reward curve, a trajectory by role
     if files.writes:
         table, curve = write_results(cfg.out, files.history, cfg)
         if report:
@@ -1273,8 +1282,8 @@ def train(cfg, report=True):
 #
 # The base the adapters sit on, cached on disk and reused: either the embedded tiny default
 # (a Llama of ~2M parameters and a BPE trained on the task vocabulary, built here), or any HF
-# causal LM with the tags added as single tokens. Both get a short supervised warm start on
-# the demonstrator's trajectories first, so that they know the format.
+# causal LM with the tags added as single tokens. Both get the same short supervised warm start
+# on the demonstrator's trajectories first, so that they know the format.
 
 
 def build_tokenizer(cfg, world):
@@ -1285,73 +1294,31 @@ def build_tokenizer(cfg, world):
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.base_vocab, special_tokens=["<pad>", "<bos>", "<eos>"] + TAGS,
+    trainer = trainers.BpeTrainer(vocab_size=cfg.tiny_vocab, special_tokens=["<pad>", "<bos>", "<eos>"] + tags(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(toy_tasks.tokenizer_corpus(world), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
 def new_tiny_model(cfg, tok):
-    """A randomly initialized Llama of the base_* size (a few M parameters)."""
+    """A randomly initialized Llama of the tiny_* size (a few M parameters)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.base_dim, intermediate_size=3 * cfg.base_dim,
-                         num_hidden_layers=cfg.base_layers, num_attention_heads=cfg.base_heads,
-                         num_key_value_heads=cfg.base_heads, max_position_embeddings=512, tie_word_embeddings=True,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.tiny_dim, intermediate_size=3 * cfg.tiny_dim,
+                         num_hidden_layers=cfg.tiny_layers, num_attention_heads=cfg.tiny_heads,
+                         num_key_value_heads=cfg.tiny_heads, max_position_embeddings=512, tie_word_embeddings=True,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return LlamaForCausalLM(config)
-
-
-def imitate_demonstrations(model, tok, params, steps, batch_size, lr, seed, desc, max_obs_tokens, device="cpu",
-                           amp_dtype=None):
-    """The supervised warm start: train `params` on the demonstrator's trajectories, with the loss
-    on the tokens the policy writes. Short on purpose: the base should know the format but leave
-    room for RL (the paper starts from an instruct model, not from an expert)."""
-    world = toy_tasks.make_world()
-    special = special_ids(tok)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    rng = random.Random(seed)
-    autocast = torch.autocast(device.split(":")[0], dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    bar = tqdm(range(steps), desc=desc, leave=False)
-    for step in bar:
-        for group in opt.param_groups:  # warmup over the first 5% of the steps, then a cosine decay
-            group["lr"] = warmup_cosine(lr, step, steps, max(1, steps // 20))
-        rows, targets = [], []
-        for _ in range(batch_size):
-            task = toy_tasks.sample_task(rng, world, "train")
-            prompt = prompt_ids(tok, task.question)
-            ids, written = trajectory_ids(tok, special, toy_tasks.demonstration(rng, task), max_obs_tokens)
-            rows.append(prompt + ids)
-            targets.append([0] * len(prompt) + written)
-        ids, attention = pad_rows(rows, special.pad, "right", device)
-        target_mask = pad_rows(targets, 0, "right", device)[0].bool()
-        with autocast:
-            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-        labels = ids[:, 1:].masked_fill(~target_mask[:, 1:], -100)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
-
-
-def build_tiny_base(cfg, device):
-    """The embedded default: a tokenizer and a random tiny Llama, warm-started from scratch."""
-    tok = build_tokenizer(cfg, toy_tasks.make_world())
-    torch.manual_seed(cfg.base_seed)
-    model = new_tiny_model(cfg, tok).to(device)
-    return imitate_demonstrations(model, tok, list(model.parameters()), cfg.base_steps, cfg.base_batch, cfg.base_lr,
-                                  cfg.base_seed, "warm start (tiny base)", cfg.max_obs_tokens, device), tok
 
 
 def looks_like_path(name):
     return name.startswith(("/", ".", "~")) or name.count("/") > 1  # hub ids are owner/name
 
 
-def hf_model(name):
-    """Any HF causal LM, with the tags as single tokens."""
+def hf_model(cfg):
+    """--model (any HF causal LM) with the tags as single tokens, checked for the linear layers
+    that --targets names before minutes of warm start are spent on it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    name = cfg.model
     if looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
         raise DartError(f"--model={name} looks like a path but no such directory exists; pass a folder "
                         f"with config.json and weights, or omit --model for the embedded tiny model.")
@@ -1362,6 +1329,9 @@ def hf_model(name):
         raise DartError(f"cannot load --model={name} ({type(e).__name__}: {str(e).splitlines()[0][:150]}). "
                         f"Pass a folder with config.json and weights, or omit --model for the embedded tiny "
                         f"model.") from e
+    if missing := sorted(set(cfg.targets.split(",")) - linear_names(model)):
+        raise DartError(f"--targets={cfg.targets}: --model={name} has no linear layer named {missing[0]}; "
+                        f"its linear layers are {', '.join(sorted(linear_names(model)))}")
     add_tag_tokens(model, tok)
     return model, tok
 
@@ -1371,7 +1341,7 @@ def add_tag_tokens(model, tok):
     embeddings start as the mean of the embeddings of its text's ordinary pieces. The embedding
     matrix grows only when the tokenizer outgrows it: many models (Qwen2.5's 151,936 rows for
     151,665 tokens) keep spare rows so that the output layer's size suits the GPU's tiles."""
-    missing = [tag for tag in TAGS if tag not in tok.get_vocab()]
+    missing = [tag for tag in tags() if tag not in tok.get_vocab()]
     if not missing:
         return
     pieces = {tag: tok.encode(tag, add_special_tokens=False) for tag in missing}
@@ -1385,6 +1355,51 @@ def add_tag_tokens(model, tok):
                 matrix[tok.convert_tokens_to_ids(tag)] = matrix[ids].mean(0)
 
 
+# the warm start's (steps, batch size, learning rate) when --warm_steps, --warm_batch, --warm_lr are
+# left at -1: the tiny model learns the format from scratch, a pretrained one needs a short nudge
+WARM_START_DEFAULTS = {"tiny": (600, 32, 1e-3), "pretrained": (60, 8, 1e-4)}
+
+
+def warm_start_settings(cfg):
+    defaults = WARM_START_DEFAULTS["tiny" if cfg.model == "tiny" else "pretrained"]
+    return tuple(default if value == -1 else value
+                 for value, default in zip((cfg.warm_steps, cfg.warm_batch, cfg.warm_lr), defaults))
+
+
+def imitate_demonstrations(model, tok, params, cfg, lr, device, dtype, desc):
+    """The supervised warm start: train `params` on the demonstrator's trajectories, with the loss
+    on the tokens the policy writes. Short on purpose: the base should know the format but leave
+    room for RL (the paper starts from an instruct model, not from an expert)."""
+    steps, batch_size, _ = warm_start_settings(cfg)
+    world = toy_tasks.make_world()
+    special = special_ids(tok)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    rng = random.Random(cfg.warm_seed)
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for step in bar:
+        for group in opt.param_groups:  # warmup over the first 5% of the steps, then a cosine decay
+            group["lr"] = warmup_cosine(lr, step, steps, max(1, steps // 20))
+        sequences, targets = [], []
+        for _ in range(batch_size):
+            task = toy_tasks.sample_task(rng, world, "train")
+            prompt = prompt_ids(tok, task.question)
+            ids, by_policy = trajectory_ids(tok, special, toy_tasks.demonstration(rng, task), cfg.max_obs_tokens)
+            sequences.append(prompt + ids)
+            targets.append([0] * len(prompt) + by_policy)
+        ids, attention = pad_sequences(sequences, special.pad, "right", device)
+        target_mask = pad_sequences(targets, 0, "right", device)[0].bool()
+        with autocast(device, dtype):
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        labels = ids[:, 1:].masked_fill(~target_mask[:, 1:], -100)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
 # The warm start's memory. Training every weight with AdamW holds 16 bytes a parameter (float32
 # weight, gradient and two moments): 7.9 GB for Qwen2.5-0.5B's 494M parameters before any
 # activation, more than a laptop GPU's 8 GB. So on a GPU the warm start trains a copy of the model
@@ -1393,17 +1408,24 @@ def add_tag_tokens(model, tok):
 # weights; then activations (~1.5 GB for 8 rows of ~150 tokens) and the vocabulary's logits and
 # their gradient (~3 GB: 8 x 150 x 151,936 in bfloat16 and float32), about 6 GB in all. The LoRA is
 # then merged, in float32, into the original weights, which never left the CPU: the cached base is
-# an ordinary float32 HF model either way.
+# an ordinary float32 HF model either way. None of this has been measured on a GPU yet.
 WARM_LORA_RANK, WARM_LORA_ALPHA = 64, 128.0
 WARM_LORA_LR_FACTOR = 10  # LoRA's best learning rate is about 10x that of training every weight
 
 
 def warm_weights(cfg, device):
-    """What the warm start of a --model trains: "all" weights, or a "lora" and the tags' rows
-    (auto: lora on CUDA, where memory is scarce; all elsewhere)."""
+    """What the warm start trains: "all" weights, or a "lora" and the tags' rows (auto: lora for a
+    --model on CUDA, where memory is scarce; all elsewhere, and always for the tiny model, which
+    starts from random weights)."""
     if cfg.warm_weights != "auto":
         return cfg.warm_weights
-    return "lora" if device.startswith("cuda") else "all"
+    return "lora" if cfg.model != "tiny" and device.startswith("cuda") else "all"
+
+
+def warm_dtype(cfg, device):
+    """The warm start's autocast dtype: the update's for a --model (bfloat16 on a GPU that computes
+    it: memory), full precision for the tiny model, whose base should not depend on the RL's."""
+    return None if cfg.model == "tiny" else autocast_dtypes(cfg, device)[1]
 
 
 def embedding_scale(embed, ids):
@@ -1444,24 +1466,23 @@ def trainable_tag_rows(model, tag_ids):
     return rows_in, rows_out
 
 
-def lora_warm_start(model, tok, cfg, device, amp_dtype):
+def lora_warm_start(model, tok, cfg, device, dtype):
     """The warm start in the memory of a small GPU (see above): a frozen copy of `model` on
-    `device` in the autocast dtype trains a rank-64 LoRA and the tags' rows; both are then written
-    into `model` (float32, on the CPU): W += (alpha / rank) B A, and the rows."""
+    `device` in `dtype` trains a rank-64 LoRA and the tags' rows; both are then written into
+    `model` (float32, on the CPU): W += (alpha / rank) B A, and the rows."""
     targets = [name for name in ATTENTION_AND_MLP if name in linear_names(model)]
     if not targets:
         raise DartError(f"--model={cfg.model} has no linear layer named {', '.join(ATTENTION_AND_MLP)} for the LoRA "
                         f"warm start; use --warm_weights=all")
-    student = copy.deepcopy(model).to(device, amp_dtype or torch.float32)
-    routing = attach_dart(student, WARM_LORA_RANK, WARM_LORA_ALPHA, targets, mode="joint", seed=cfg.base_seed)
+    student = copy.deepcopy(model).to(device, dtype or torch.float32)
+    routing = attach_dart(student, WARM_LORA_RANK, WARM_LORA_ALPHA, targets, mode="joint", seed=cfg.warm_seed)
     routing.route(torch.tensor(REASONING, device=device))  # joint: one block, the same gate for every token
-    tag_ids = tok.convert_tokens_to_ids(TAGS)
+    tag_ids = tok.convert_tokens_to_ids(tags())
     rows_in, rows_out = trainable_tag_rows(student, tag_ids)
     rows = [rows_in] if rows_out is rows_in else [rows_in, rows_out]
-    imitate_demonstrations(student.train(), tok, trainable(student) + rows, cfg.warm_start, cfg.warm_batch,
-                           cfg.warm_lr * WARM_LORA_LR_FACTOR, cfg.base_seed,
-                           f"warm start ({cfg.model}, LoRA rank {WARM_LORA_RANK})", cfg.max_obs_tokens, device,
-                           amp_dtype)
+    imitate_demonstrations(student.train(), tok, trainable(student) + rows, cfg,
+                           warm_start_settings(cfg)[2] * WARM_LORA_LR_FACTOR, device, dtype,
+                           f"warm start ({cfg.model}, LoRA rank {WARM_LORA_RANK})")
     with torch.no_grad():
         for name, layer in student.named_modules():
             if isinstance(layer, DartLinear):
@@ -1471,27 +1492,35 @@ def lora_warm_start(model, tok, cfg, device, amp_dtype):
     return model
 
 
-def build_hf_base(cfg, device):
-    """--model with the tags added, warm-started for cfg.warm_start steps (0: none). All weights
-    train, or (--warm_weights=lora, the default on CUDA) a LoRA and the new tags' embedding rows:
-    either way those rows train, without them the model cannot learn to write a tag."""
-    model, tok = hf_model(cfg.model)
-    if missing := sorted(set(cfg.targets.split(",")) - linear_names(model)):  # before minutes of warm start
-        raise DartError(f"--targets={cfg.targets}: --model={cfg.model} has no linear layer named {missing[0]}; "
-                        f"its linear layers are {', '.join(sorted(linear_names(model)))}")
-    if cfg.warm_start > 0:
-        torch.manual_seed(cfg.base_seed)
-        amp_dtype = autocast_dtypes(cfg, device)[1]
+def build_base(cfg, device):
+    """The base before RL: the tiny model (its tokenizer trained here, its weights random) or
+    --model with the tags added, then the supervised warm start (--warm_steps=0: none). For a
+    --model, all weights train or (--warm_weights=lora, the default on CUDA) a LoRA and the tags'
+    embedding rows: either way those rows train, without them the model cannot learn to write a tag."""
+    if cfg.model == "tiny":
+        tok = build_tokenizer(cfg, toy_tasks.make_world())
+        torch.manual_seed(cfg.warm_seed)
+        model = new_tiny_model(cfg, tok).to(device)
+    else:
+        model, tok = hf_model(cfg)
+        torch.manual_seed(cfg.warm_seed)
+    steps, _, lr = warm_start_settings(cfg)
+    if steps > 0:
+        dtype = warm_dtype(cfg, device)
         if warm_weights(cfg, device) == "lora":
-            return lora_warm_start(model, tok, cfg, device, amp_dtype).eval(), tok
-        imitate_demonstrations(model.to(device).train(), tok, list(model.parameters()), cfg.warm_start,
-                               cfg.warm_batch, cfg.warm_lr, cfg.base_seed, f"warm start ({cfg.model})",
-                               cfg.max_obs_tokens, device, amp_dtype)
+            return lora_warm_start(model, tok, cfg, device, dtype).eval(), tok
+        imitate_demonstrations(model.to(device).train(), tok, list(model.parameters()), cfg, lr, device, dtype,
+                               f"warm start ({cfg.model})")
     return model.eval(), tok
 
 
 def short_hash(value):
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def folder_name(model):
+    """A model's name as a folder name: tiny, or the last part of its hub id or path."""
+    return "".join(c if c.isalnum() else "-" for c in os.path.basename(os.path.normpath(model)))
 
 
 def folder_fingerprint(name):
@@ -1505,28 +1534,22 @@ def folder_fingerprint(name):
 
 
 def base_key(cfg):
-    """What the cached base depends on: the model (tiny: its base_* settings), the warm start's
-    settings, the task world and the tags (a new tool adds tags, which the cache would lack)."""
+    """What the cached base depends on: the model (tiny: its tiny_* size; else the folder's
+    contents), the warm start as it will run on this device, the task world and the tags (a new
+    tool adds tags, which the cache would lack), and the observations' cut."""
+    device = resolve_device(cfg)
     world = toy_tasks.make_world()
-    if cfg.model == "tiny":
-        key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("base_")}
-    else:
-        key = {"model": cfg.model, "fingerprint": folder_fingerprint(cfg.model), "base_seed": cfg.base_seed,
-               "warm_dtype": str(autocast_dtypes(cfg, resolve_device(cfg))[1]),
-               **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("warm_")},
-               "warm_weights": warm_weights(cfg, resolve_device(cfg))}  # auto, resolved for this device
-    key["world"] = short_hash(world.kb)
-    key["tasks"] = short_hash(toy_tasks.tokenizer_corpus(world))  # the warm start's texts: every rate counts
-    key["tags"] = TAGS
-    key["max_obs_tokens"] = cfg.max_obs_tokens  # the demonstrations' observations are cut as the rollout's
+    key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("tiny_")} \
+        if cfg.model == "tiny" else {"model": cfg.model, "fingerprint": folder_fingerprint(cfg.model)}
+    key.update(warm_start=warm_start_settings(cfg), warm_seed=cfg.warm_seed, warm_weights=warm_weights(cfg, device),
+               warm_dtype=str(warm_dtype(cfg, device)), world=short_hash(world.kb),
+               tasks=short_hash(toy_tasks.tokenizer_corpus(world)), tags=tags(), max_obs_tokens=cfg.max_obs_tokens)
     return key
 
 
 def base_path(cfg):
     """The cached base's folder: an ordinary HF model folder (config, weights, tokenizer)."""
-    name = "tiny" if cfg.model == "tiny" else "".join(
-        c if c.isalnum() else "-" for c in os.path.basename(os.path.normpath(cfg.model)))
-    return os.path.join(cfg.cache_dir, f"{name}-{short_hash(base_key(cfg))}")
+    return os.path.join(cfg.cache_dir, f"{folder_name(cfg.model)}-{short_hash(base_key(cfg))}")
 
 
 def load_base(cfg, device="cpu"):
@@ -1538,12 +1561,11 @@ def load_base(cfg, device="cpu"):
         if os.path.abspath(path) != os.path.abspath(base_path(cfg)):
             raise DartError(f"the base this run trained on, {path}, is gone, and it was built with other settings "
                             f"or on another device than these, so it cannot be rebuilt here; copy it back")
-        model, tok = build_tiny_base(cfg, device) if cfg.model == "tiny" else build_hf_base(cfg, device)
+        model, tok = build_base(cfg, device)
         tmp = f"{path}.tmp{os.getpid()}"
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        with open(os.path.join(tmp, "base.json"), "w") as f:
-            json.dump(base_key(cfg), f, indent=1)
+        write_json(os.path.join(tmp, "base.json"), base_key(cfg))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)  # a half-written cache is never mistaken for a finished one
     try:
@@ -1587,7 +1609,7 @@ def load_policy(cfg):
     from transformers.utils import logging
     logging.disable_progress_bar()  # our own bars say what is happening
     device = resolve_device(cfg)
-    amp_dtype, train_dtype = autocast_dtypes(cfg, device)
+    sample_dtype, train_dtype = autocast_dtypes(cfg, device)
     model, tok = load_base(cfg, device)
     if tok.eos_token_id is None:
         raise DartError(f"the tokenizer of --model={cfg.model} has no eos token")
@@ -1597,9 +1619,9 @@ def load_policy(cfg):
                               cfg.seed)
     except ValueError as e:
         raise DartError(f"{e} (--targets={cfg.targets})") from e
-    if amp_dtype is not None:
-        hold_frozen_linears(model, amp_dtype)
-    return Policy(model, tok, special_ids(tok, device), routing, device, amp_dtype, train_dtype)
+    if sample_dtype is not None:
+        hold_frozen_linears(model, sample_dtype)
+    return Policy(model, tok, special_ids(tok, device), routing, device, sample_dtype, train_dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -1632,6 +1654,11 @@ def one_of(*choices):
 def comma_list(allowed, what, empty_ok=False):
     return (lambda value: (empty_ok and not value) or all(allowed(item) for item in value.split(",")),
             f"a comma-separated list of {what}")
+
+
+def or_model_default(valid):
+    """-1 (the model's default) or a value that passes `valid`."""
+    return lambda value: value == -1 or valid[0](value), f"-1 or {valid[1]}"
 
 
 @dataclass
@@ -1680,22 +1707,24 @@ class Config:
     eval_every: int = option(20, "RL steps between greedy test evaluations", at_least(1))
     eval_per_family: int = option(50, "test questions per task family", at_least(1))
     save_every: int = option(20, "RL steps between checkpoints", at_least(1))
-    # the embedded tiny base (cached on disk under cache_dir, keyed by these base_* fields)
-    base_dim: int = option(192, "tiny base: hidden size (a multiple of base_heads)", at_least(1))
-    base_layers: int = option(4, "tiny base: layers", at_least(1))
-    base_heads: int = option(4, "tiny base: attention heads", at_least(1))
-    base_vocab: int = option(400, "tiny base: BPE vocabulary size", at_least(1))
-    base_steps: int = option(600, "tiny base: supervised warm-start steps", at_least(1))
-    base_batch: int = option(32, "tiny base: warm-start batch size", at_least(1))
-    base_lr: float = option(1e-3, "tiny base: warm-start learning rate", above(0))
-    base_seed: int = option(0, "seed of the base's warm start (tiny base: of its weights too)", at_least(0))
-    # the supervised format warm start of a --model, cached with it (the tiny base has its own)
-    warm_start: int = option(60, "--model: warm-start steps on demonstrations before RL (0 = none)", at_least(0))
-    warm_batch: int = option(8, "--model: warm-start batch size", at_least(1))
-    warm_lr: float = option(1e-4, "--model: warm-start learning rate (the LoRA warm start uses 10x)", above(0))
-    warm_weights: str = option("auto", "--model: what the warm start trains: all (AdamW: 16 bytes a parameter, "
-                                       "8 GB for a 0.5B model) or lora (rank 64, merged after, and the tags' rows: "
-                                       "~6 GB); auto = lora on CUDA, all elsewhere", one_of("auto", "all", "lora"))
+    # the embedded tiny model (its cached base is keyed by these tiny_* fields)
+    tiny_dim: int = option(192, "tiny model: hidden size (an even multiple of tiny_heads)", at_least(1))
+    tiny_layers: int = option(4, "tiny model: layers", at_least(1))
+    tiny_heads: int = option(4, "tiny model: attention heads", at_least(1))
+    tiny_vocab: int = option(400, "tiny model: BPE vocabulary size", at_least(1))
+    # the supervised warm start before RL, of the tiny model and a --model alike (cached with the base)
+    warm_steps: int = option(-1, "warm-start steps on demonstrations (0 = none; -1 = the model's default: "
+                                 f"{WARM_START_DEFAULTS['tiny'][0]} tiny, {WARM_START_DEFAULTS['pretrained'][0]} "
+                                 f"--model)", or_model_default(at_least(0)))
+    warm_batch: int = option(-1, f"warm-start batch size (-1 = {WARM_START_DEFAULTS['tiny'][1]} tiny, "
+                                 f"{WARM_START_DEFAULTS['pretrained'][1]} --model)", or_model_default(at_least(1)))
+    warm_lr: float = option(-1.0, f"warm-start learning rate (-1 = {WARM_START_DEFAULTS['tiny'][2]} tiny, "
+                                  f"{WARM_START_DEFAULTS['pretrained'][2]} --model; a LoRA warm start uses 10x)",
+                            or_model_default(above(0)))
+    warm_seed: int = option(0, "seed of the warm start (and of the tiny model's weights)", at_least(0))
+    warm_weights: str = option("auto", "what a --model's warm start trains: all, or lora (a rank-64 LoRA merged after, "
+                                       "and the tags' rows: fits a laptop GPU); auto = lora on CUDA, all elsewhere",
+                               one_of("auto", "all", "lora"))
     cache_dir: str = option("runs/cache", "where warm-started bases are cached")
     cached_base: str = option("", "the cached base a run trains on; set by the run and recorded in its config.json, "
                                   "so that --resume and --export_peft use it even on another device")
@@ -1726,16 +1755,22 @@ def check_config(cfg, where=""):
     built or any file written, so that a typo costs a second, not minutes."""
     for f in dataclasses.fields(cfg):
         check_value(f.name, getattr(cfg, f.name), f.type, f.metadata.get("valid"), where)
-    if isinstance(cfg, Config):
-        if cfg.base_dim % cfg.base_heads or cfg.base_dim // cfg.base_heads % 2:  # rotary embeddings pair up units
-            raise DartError(f"{where}--base_dim={cfg.base_dim} must be an even multiple of --base_heads="
-                            f"{cfg.base_heads} (each head's size, base_dim / base_heads, even)")
-        if cfg.model == "tiny" and (unknown := sorted(set(cfg.targets.split(",")) - set(ATTENTION_AND_MLP))):
-            raise DartError(f"{where}--targets: the tiny model has no linear layer named {unknown[0]}; its layers "
-                            f"are {', '.join(ATTENTION_AND_MLP)}")
-        commands = [name for name in ("compare", "bench", "export_peft", "resume") if getattr(cfg, name)]
-        if len(commands) > 1:
-            raise DartError(f"{where}--{commands[0]} and --{commands[1]} are separate commands; give one")
+    if not isinstance(cfg, Config):
+        return
+    if cfg.tiny_dim % cfg.tiny_heads or cfg.tiny_dim // cfg.tiny_heads % 2:  # rotary embeddings pair up units
+        raise DartError(f"{where}--tiny_dim={cfg.tiny_dim} must be an even multiple of --tiny_heads={cfg.tiny_heads} "
+                        f"(each head's size, tiny_dim / tiny_heads, even)")
+    if cfg.model == "tiny" and (unknown := sorted(set(cfg.targets.split(",")) - set(ATTENTION_AND_MLP))):
+        raise DartError(f"{where}--targets: the tiny model has no linear layer named {unknown[0]}; its layers are "
+                        f"{', '.join(ATTENTION_AND_MLP)}")
+    if cfg.model == "tiny" and cfg.warm_weights == "lora":
+        raise DartError(f"{where}--warm_weights=lora: the tiny model starts from random weights, so its warm start "
+                        f"trains them all")
+    if os.path.isfile(cfg.out):
+        raise DartError(f"{where}--out={cfg.out} is a file; pass a folder for the run")
+    commands = [name for name in ("compare", "bench", "export_peft", "resume") if getattr(cfg, name)]
+    if len(commands) > 1:
+        raise DartError(f"{where}--{commands[0]} and --{commands[1]} are separate commands; give one")
 
 
 def parse_args(argv, defaults=None, names=None):
@@ -1789,6 +1824,16 @@ COLOURS = {"reasoning": "\033[36m", "tool": "\033[33m", "observation": "\033[2m"
 RESET = "\033[0m"
 
 
+def markdown_table(head, rows):
+    """A Markdown table with padded columns: the first left-aligned, the others right-aligned."""
+    cells = [list(map(str, head))] + [list(map(str, row)) for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    line = lambda row: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                         for i, (c, w) in enumerate(zip(row, widths))) + " |"
+    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
 def sparkline(values, width=60):
     if not values:
         return ""
@@ -1799,20 +1844,19 @@ def sparkline(values, width=60):
     return "".join(bars[int((m - lo) / (hi - lo + 1e-9) * (len(bars) - 1))] for m in means)
 
 
-def results_table(base, final):
-    rows = [("task family", "base", "trained")]
-    for family in toy_tasks.FAMILIES + ("overall",):
-        key = "test_acc" if family == "overall" else f"test_acc_{family}"
-        rows.append((family, f"{base[key]:.0%}", f"{final[key]:.0%}"))
-    rows.append(("tool calls / question", f"{base['test_tool_calls']:.2f}", f"{final['test_tool_calls']:.2f}"))
-    share = lambda value: "n/a" if value is None else f"{value:.0%}"  # None: no tool call was made
-    rows.append(("valid tool calls", share(base["test_valid_calls"]), share(final["test_valid_calls"])))
-    for skill, role in toy_tasks.SKILL_ROLES.items():
-        rows.append((f"{skill} right ({role})", share(base[f"test_skill_{skill}"]), share(final[f"test_skill_{skill}"])))
-    width = max(len(a) for a, _, _ in rows)
-    lines = [f"| {a:<{width}} | {b:>7} | {c:>7} |" for a, b, c in rows]
-    lines.insert(1, f"|{'-' * (width + 2)}|{'-' * 8}:|{'-' * 8}:|")
-    return "\n".join(lines)
+def percent(value):
+    return "n/a" if value is None else f"{value:.0%}"  # None: a share of nothing (say, of zero tool calls)
+
+
+def results_table(before, after):
+    """Base (before RL) against trained, on the test split: per family, tool use, per skill."""
+    rows = [(family, percent(before[key]), percent(after[key])) for family, key in [
+        (f, f"test_acc_{f}") for f in toy_tasks.FAMILIES] + [("overall", "test_acc")]]
+    rows.append(("tool calls / question", f"{before['test_tool_calls']:.2f}", f"{after['test_tool_calls']:.2f}"))
+    rows.append(("valid tool calls", percent(before["test_valid_calls"]), percent(after["test_valid_calls"])))
+    rows += [(f"{skill} right ({role})", percent(before[f"test_skill_{skill}"]), percent(after[f"test_skill_{skill}"]))
+             for skill, role in toy_tasks.SKILL_ROLES.items()]
+    return markdown_table(("task family", "base", "trained"), rows)
 
 
 def render_trajectory(policy, batch, row, colour):
@@ -1841,14 +1885,14 @@ def write_results(run_dir, history, cfg):
     return table, curve
 
 
-def verdict(text, task, invalid_calls):
+def verdict(text, task, error_count):
     """Why an answer is right or wrong, in a few words."""
     answer = toy_tasks.parse_answer(text)
     if answer == task.answer:
         return "right"
     if answer is None:
         return "wrong: no well-formed <answer> before the token limit"
-    return f"wrong: answered {answer}" + (f" after {invalid_calls} failed tool call(s)" if invalid_calls else "")
+    return f"wrong: answered {answer}" + (f" after {error_count} failed tool call(s)" if error_count else "")
 
 
 def showcase(policy, registry, test, cfg):
@@ -1859,10 +1903,10 @@ def showcase(policy, registry, test, cfg):
     split holds none of these.)"""
     multihop = [t for t in test if t.family == "multihop"]
     tricky = [t for t in multihop if slipped_call(t)] or multihop
-    batch = rollout(policy, registry, [prompt_ids(policy.tok, t.question) for t in tricky], cfg, temperature=0)
-    verdicts = [verdict(text, t, n) for text, t, n in zip(batch.texts, tricky, batch.invalid_calls)]
+    out = rollout(policy, registry, [prompt_ids(policy.tok, t.question) for t in tricky], cfg, temperature=0)
+    verdicts = [verdict(text, t, n) for text, t, n in zip(out.texts, tricky, out.error_counts)]
     row = verdicts.index("right") if "right" in verdicts else 0
-    return tricky[row], batch, row, verdicts[row]
+    return tricky[row], out, row, verdicts[row]
 
 
 def slipped_call(task):
@@ -1877,13 +1921,13 @@ def slipped_call(task):
 
 
 def print_report(run_dir, table, curve, policy, registry, test, cfg):
-    example, batch, row, judged = showcase(policy, registry, test, cfg)
+    example, out, row, judged = showcase(policy, registry, test, cfg)
     colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     legend = " ".join(f"{COLOURS[w]}{w}{RESET}" if colour else w for w in COLOURS)
     print(f"\n{table}\n\ntrain reward  {curve}\n")
     slip = slipped_call(example)
     print(f"a multihop test question, answered greedily ({legend}):\n  {example.question}\n  "
-          f"{render_trajectory(policy, batch, row, colour)}\n  gold: {example.answer} ({judged})\n"
+          f"{render_trajectory(policy, out, row, colour)}\n  gold: {example.answer} ({judged})\n"
           + (f"  the warm start's demonstrator often writes {slip} here: a wrong call, no reward\n" if slip else ""))
     print(f"run directory: {run_dir}")
 
@@ -1893,15 +1937,18 @@ def print_report(run_dir, table, curve, policy, registry, test, cfg):
 # The paper's claim is a comparison: DART beats shared-parameter GRPO (joint) at equal
 # budget, and comes close to two separate agents (two_agent) at one model's memory.
 # joint2r has DART's trainable parameters in one shared adapter: the capacity control.
+# The rank sweep asks when the roles compete: with scarce capacity, if at all.
+
 
 def run_summary(run_dir):
-    """One finished run: final test metrics, base metrics (step 0), parameters, peak memory and speed."""
+    """One finished run: its evaluations before RL (step 0), at the end and at their best, its
+    parameter count, peak memory and speed."""
     from safetensors.torch import load_file
     evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "test_acc" in r]
     speed = read_jsonl(os.path.join(run_dir, "speed.jsonl"))
     params = sum(t.numel() for t in load_file(os.path.join(run_dir, "adapters.safetensors")).values())
     rollout_s, update_s = sum(r["rollout_s"] for r in speed), sum(r["update_s"] for r in speed)
-    return {"base": evals[0], "final": evals[-1], "best": max(evals, key=lambda r: r["test_acc"]),
+    return {"before": evals[0], "final": evals[-1], "best": max(evals, key=lambda r: r["test_acc"]),
             "params": params, "peak_mb": max(r["peak_mb"] for r in speed),
             "s_per_step": (rollout_s + update_s) / len(speed),
             "sampled_tok_s": sum(r["sampled_tokens"] for r in speed) / rollout_s,
@@ -1914,27 +1961,27 @@ def mean_std(values, scale=1.0, digits=0):
     values = np.asarray([v for v in values if v is not None], dtype=float) * scale
     if not len(values):
         return "n/a"
-    return f"{values.mean():.{digits}f}±{values.std(ddof=1):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f}±{values.std(ddof=1):.{digits}f}"
 
 
-def compare_table(results):
-    """Markdown: one row per mode (mean±std over seeds) plus the warm-started base."""
+def compare_table(summaries):
+    """One row per mode (mean±std over seeds), after the warm-started base's."""
     keys = [f"test_acc_{f}" for f in toy_tasks.FAMILIES] + ["test_acc"]
-    head = ["mode"] + list(toy_tasks.FAMILIES) + ["overall", "valid calls", "calls/q", "trainable",
-                                                  "peak MB", "s/step", "sampled tok/s", "trained tok/s"]
-    base = next(iter(results.values()))[0]["base"]
-    rows = [["base (no RL)"] + [f"{100 * base[k]:.0f}" for k in keys] +
-            [mean_std([base["test_valid_calls"]], 100), f"{base['test_tool_calls']:.2f}", "0", "", "", "", ""]]
-    for mode, runs in results.items():
+    head = ["mode", *toy_tasks.FAMILIES, "overall", "valid calls", "calls/q", "trainable", "peak MB", "s/step",
+            "sampled tok/s", "trained tok/s"]
+    before = next(iter(summaries.values()))[0]["before"]
+    rows = [["base (no RL)"] + [f"{100 * before[k]:.0f}" for k in keys] +
+            [mean_std([before["test_valid_calls"]], 100), f"{before['test_tool_calls']:.2f}", "0", "", "", "", ""]]
+    for mode, runs in summaries.items():
         final = [r["final"] for r in runs]
         rows.append([mode] + [mean_std([f[k] for f in final], 100) for k in keys] + [
             mean_std([f["test_valid_calls"] for f in final], 100),
-            mean_std([f["test_tool_calls"] for f in final], digits=2),
-            f"{runs[0]['params']:,}", f"{np.mean([r['peak_mb'] for r in runs]):.0f}",
-            f"{np.mean([r['s_per_step'] for r in runs]):.2f}", f"{np.mean([r['sampled_tok_s'] for r in runs]):.0f}",
-            f"{np.mean([r['trained_tok_s'] for r in runs]):.0f}"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "--:" for i in range(len(head))) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+            mean_std([f["test_tool_calls"] for f in final], digits=2), f"{runs[0]['params']:,}"] + [
+            f"{np.mean([r[key] for r in runs]):.{digits}f}" for key, digits in (
+                ("peak_mb", 0), ("s_per_step", 2), ("sampled_tok_s", 0), ("trained_tok_s", 0))])
+    return markdown_table(head, rows)
 
 
 def bootstrap_interval(values, resamples=2000, rng=None, statistic=np.mean):
@@ -1959,41 +2006,40 @@ def paired_difference(a, b, resamples=2000, seed=0):
     return float(d.mean()), bootstrap_interval(d, resamples, np.random.default_rng(seed))
 
 
-def difference_line(results, a, b):
-    runs = len(results[a])
-    mean, (lo, hi) = paired_difference([r["final"]["test_correct"] for r in results[a]],
-                                       [r["final"]["test_correct"] for r in results[b]])
-    questions = len(results[a][0]["final"]["test_correct"])
+def mode_difference(summaries, a, b):
+    """paired_difference of two modes' final per-question results."""
+    return paired_difference(*([r["final"]["test_correct"] for r in summaries[mode]] for mode in (a, b)))
+
+
+def difference_line(summaries, a, b):
+    mean, (lo, hi) = mode_difference(summaries, a, b)
     finding = ("no detectable difference at this budget" if lo <= 0 <= hi
                else f"{a if lo > 0 else b} is better at this budget")
     return (f"{a} - {b}: {mean:+.1f} points, 95% interval [{lo:+.1f}, {hi:+.1f}] (half-width {(hi - lo) / 2:.1f}) "
-            f"over {runs} seed(s) and {questions} test questions: {finding}")
+            f"over {len(summaries[a])} seed(s) and {len(summaries[a][0]['final']['test_correct'])} test questions: "
+            f"{finding}")
 
 
-def stability_table(results):
+def stability_table(summaries):
     """Per run: the best evaluation (and its step) against the final one."""
-    lines = ["| mode | seed | best test acc (step) | final | final - best |", "|---|--:|--:|--:|--:|"]
-    for mode, runs in results.items():
-        for seed, r in enumerate(runs):
-            best, final = r["best"]["test_acc"] * 100, r["final"]["test_acc"] * 100
-            lines.append(f"| {mode} | {seed} | {best:.1f} ({r['best']['step']}) | {final:.1f} | {final - best:+.1f} |")
-    return "\n".join(lines)
+    rows = [(mode, seed, f"{100 * best:.1f} ({r['best']['step']})", f"{100 * final:.1f}", f"{100 * (final - best):+.1f}")
+            for mode, runs in summaries.items() for seed, r in enumerate(runs)
+            for best, final in [(r["best"]["test_acc"], r["final"]["test_acc"])]]
+    return markdown_table(("mode", "seed", "best test acc (step)", "final", "final - best"), rows)
 
 
 def sweep_table(results, modes, ranks):
-    """Markdown: one row per LoRA rank, each mode's final accuracy (mean±std over seeds) and dart's
-    paired difference with every other mode (points, 95% interval)."""
+    """One row per LoRA rank: each mode's final accuracy (mean±std over seeds) and dart's paired
+    difference with every other mode (points, 95% interval)."""
     others = [m for m in modes if m != "dart"] if "dart" in modes else []
-    head = ["LoRA rank r"] + modes + [f"dart - {m}" for m in others]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("--:" for _ in head) + "|"]
+    rows = []
     for rank in ranks:
-        cells = [str(rank)] + [mean_std([r["final"]["test_acc"] for r in results[rank][m]], 100) for m in modes]
+        row = [rank] + [mean_std([r["final"]["test_acc"] for r in results[rank][m]], 100) for m in modes]
         for m in others:
-            mean, (lo, hi) = paired_difference(*([r["final"]["test_correct"] for r in results[rank][mode]]
-                                                 for mode in ("dart", m)))
-            cells.append(f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            mean, (lo, hi) = mode_difference(results[rank], "dart", m)
+            row.append(f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+        rows.append(row)
+    return markdown_table(["LoRA rank r", *modes, *(f"dart - {m}" for m in others)], rows)
 
 
 def interval_chart(rows, width=41):
@@ -2023,6 +2069,7 @@ def compare_modes(cfg):
     out = broadcast_from_first(cfg.out or runs_folder(cfg))
     scale = cfg.alpha / cfg.lora_rank
     device = resolve_device(cfg)
+    # 1. every (rank, mode, seed) run, trained or reused
     results = {rank: {mode: [] for mode in modes} for rank in ranks}
     for rank in ranks:
         for seed in range(cfg.seeds):
@@ -2033,21 +2080,22 @@ def compare_modes(cfg):
                 results[rank][mode].append(run_summary(run.out) if process_rank() == 0 else None)
     if process_rank() > 0:
         return results
+    # 2. per rank: the table of modes, dart's paired differences, each run's best against its final
+    others = [m for m in modes if m != "dart"] if "dart" in modes else []
     sections = []
     for rank in ranks:
         header = (f"LoRA rank {rank} (joint: r, joint2r: 2r, dart: r + r; alpha {scale * rank:g}), {cfg.seeds} "
                   f"seed(s), {cfg.steps} RL steps of {cfg.questions_per_step}x{cfg.group_size} rollouts, model "
                   f"{cfg.model}, device {device}; final test accuracy in %, mean±std over seeds")
-        others = [m for m in modes if m != "dart"] if "dart" in modes else []
         differences = "\n".join(difference_line(results[rank], "dart", m) for m in others)
         sections.append("\n\n".join(part for part in (header, compare_table(results[rank]), differences,
                                                       stability_table(results[rank])) if part))
+    # 3. across ranks: the sweep's table and the chart of dart - joint
     if len(ranks) > 1:
         sections.append("the sweep: final test accuracy in %, mean±std over seeds; dart's paired differences in "
                         "points with 95% intervals over seeds and questions\n\n" + sweep_table(results, modes, ranks))
         if {"dart", "joint"} <= set(modes):
-            rows = [(f"r={rank}", *paired_difference(*([r["final"]["test_correct"] for r in results[rank][mode]]
-                                                      for mode in ("dart", "joint")))) for rank in ranks]
+            rows = [(f"r={rank}", *mode_difference(results[rank], "dart", "joint")) for rank in ranks]
             sections.append("dart - joint against the LoRA rank, points (95% interval):\n" + interval_chart(rows))
     report = "\n\n".join(sections) + "\n"
     with open(os.path.join(out, "compare.md"), "w") as f:
@@ -2062,69 +2110,69 @@ def benchmark(cfg, repeats=5):
     """The cost claims, measured side by side in one process: a GRPO update of dart vs joint2r
     vs two_agent on the same batch, and the rollout engine vs model.generate; and how much of
     each is the frozen base itself (the KL reference pass, the engine with the adapters off)."""
+    # 1. three policies on one base, and one batch of rollouts that every update will train on
     world = toy_tasks.make_world()
     registry = tools.registry(world.kb)
     policies = {mode: load_policy(dataclasses.replace(cfg, mode=mode)) for mode in ("joint2r", "dart", "two_agent")}
-    dart_policy = policies["dart"]
-    device = dart_policy.device
+    policy, device = policies["dart"], policies["dart"].device
     rng = random.Random(cfg.seed)
     tasks = [toy_tasks.sample_task(rng, world, "train") for _ in range(cfg.questions_per_step * cfg.group_size)]
-    prompts = [prompt_ids(dart_policy.tok, t.question) for t in tasks]
-    batch = rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
-    # the engine, tools interleaved, vs generate() without tools: same model, prompts and new tokens.
-    # Before any update, so the adapters are still zero and the engine with them off samples the
-    # same tokens: the difference is what the LoRA branches cost.
+    prompts = [prompt_ids(policy.tok, t.question) for t in tasks]
+    seeded = lambda: torch.Generator(device).manual_seed(0)
+    batch = rollout(policy, registry, prompts, cfg, cfg.temperature, seeded())
+
+    def timed(work):
+        started = clock(device)
+        work()
+        return clock(device) - started
+
+    # 2. sampling: the engine with tool calls, the same without the adapters, and generate() without tools,
+    # before any update: the adapters are still zero, so all three sample the same tokens, and the engine's
+    # difference with the adapters off is what the LoRA branches cost
+    ids, attention = pad_sequences(prompts, policy.special.pad, "left", device)
+    new_tokens = batch.written_by_policy.shape[1]
     engine_s, base_engine_s, generate_s = [], [], []
-    ids, attention = left_pad(prompts, dart_policy.special.pad, device)
     for _ in tqdm(range(repeats), desc="bench: engine vs generate"):
-        started = clock(device)
-        out = rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
-        engine_s.append(clock(device) - started)
-        started = clock(device)  # the adapters' share of sampling: the same rollout without them
-        with adapters_off(dart_policy.routing):
-            rollout(dart_policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
-        base_engine_s.append(clock(device) - started)
-        new_tokens = out.written_by_policy.shape[1]
-        dart_policy.routing.gate = dart_policy.routing.table[REASONING]  # one gate for every token
-        started = clock(device)
-        with torch.no_grad(), dart_policy.autocast():
-            dart_policy.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=new_tokens,
-                                       min_new_tokens=new_tokens, do_sample=True, top_k=None, top_p=None,
-                                       temperature=cfg.temperature, pad_token_id=dart_policy.special.pad)
-        generate_s.append(clock(device) - started)
+        engine_s.append(timed(lambda: rollout(policy, registry, prompts, cfg, cfg.temperature, seeded())))
+        with adapters_off(policy.routing):
+            base_engine_s.append(timed(lambda: rollout(policy, registry, prompts, cfg, cfg.temperature, seeded())))
+        policy.routing.route(torch.tensor(REASONING, device=device))  # one gate for every token
+        with torch.no_grad(), autocast(device, policy.sample_dtype):
+            generate_s.append(timed(lambda: policy.model.generate(
+                input_ids=ids, attention_mask=attention, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=True, top_k=None, top_p=None, temperature=cfg.temperature, pad_token_id=policy.special.pad)))
+    # 3. the updates, interleaved so that drift in the machine's speed hits every mode alike; the first
+    # round warms up; then the KL reference pass alone (the frozen base's share of an update)
     advantages = torch.randn(len(prompts), generator=torch.Generator().manual_seed(0)).to(device)
-    optimizers = {mode: make_optimizer(policy, cfg) for mode, policy in policies.items()}
-    update_s = {m: [] for m in policies}
+    optimizers = {mode: make_optimizer(p, cfg) for mode, p in policies.items()}
+    update_s = {mode: [] for mode in policies}
     for repeat in tqdm(range(repeats + 1), desc="bench: GRPO updates"):
-        for mode, policy in policies.items():  # interleaved, so drift in machine speed hits all alike
-            started = clock(device)
-            grpo_update(policy, optimizers[mode], batch, advantages, cfg)
-            if repeat:  # the first round warms up
-                update_s[mode].append(clock(device) - started)
-    median = {m: float(np.median(t)) for m, t in update_s.items()}
-    reference_s = []  # the part of dart's update that is the frozen base alone: the KL reference
-    for _ in range(repeats):
-        started = clock(device)
-        with dart_policy.update_precision():
-            reference_logprobs(dart_policy, batch, micro_batches(batch, cfg.micro_batch), cfg.temperature)
-        reference_s.append(clock(device) - started)
+        for mode, p in policies.items():
+            seconds = timed(lambda: grpo_update(p, optimizers[mode], batch, advantages, cfg))
+            if repeat:
+                update_s[mode].append(seconds)
+    with policy.update_precision():
+        reference_s = [timed(lambda: reference_logprobs(policy, batch, micro_batches(batch, cfg.micro_batch),
+                                                        cfg.temperature)) for _ in range(repeats)]
+    # 4. medians, and the report
+    median = {mode: float(np.median(seconds)) for mode, seconds in update_s.items()}
     slots = len(prompts) * new_tokens
-    real = out.attention_mask[:, out.prompt_len:].sum().item()
     result = {"update_s": median, "dart_over_joint2r": median["dart"] / median["joint2r"],
-              "two_agent_over_dart": median["two_agent"] / median["dart"],
-              "reference_s": float(np.median(reference_s)),
-              "base_engine_tok_s": slots / np.median(base_engine_s),
-              "engine_tok_s": slots / np.median(engine_s), "engine_real_tok_s": real / np.median(engine_s),
+              "two_agent_over_dart": median["two_agent"] / median["dart"], "reference_s": float(np.median(reference_s)),
+              "base_engine_tok_s": slots / np.median(base_engine_s), "engine_tok_s": slots / np.median(engine_s),
+              "engine_real_tok_s": batch.attention_mask[:, batch.prompt_len:].sum().item() / np.median(engine_s),
               "generate_tok_s": slots / np.median(generate_s), "rows": len(prompts), "new_tokens": new_tokens}
     result["engine_over_generate"] = result["engine_tok_s"] / result["generate_tok_s"]
     print(f"\nGRPO update on one batch of {len(prompts)} rollouts (median of {repeats}), device {device}:")
     for mode, seconds in median.items():
         print(f"  {mode:<10} {seconds:.3f} s")
-    print(f"  dart / joint2r = {result['dart_over_joint2r']:.3f}   two_agent / dart = {result['two_agent_over_dart']:.2f}")
+    print(f"  dart / joint2r = {result['dart_over_joint2r']:.3f}   two_agent / dart = "
+          f"{result['two_agent_over_dart']:.2f}")
     print(f"  of dart's update, the KL reference (the frozen base alone, no gradient): {result['reference_s']:.3f} s")
     print(f"sampling {len(prompts)} rows x {new_tokens} new tokens: engine with tools {result['engine_tok_s']:.0f} "
           f"tok/s ({result['engine_real_tok_s']:.0f} tok/s counting only tokens before each row's end), "
-          f"model.generate without tools {result['generate_tok_s']:.0f} tok/s: ratio {result['engine_over_generate']:.2f}")
+          f"model.generate without tools {result['generate_tok_s']:.0f} tok/s: ratio "
+          f"{result['engine_over_generate']:.2f}")
     print(f"  the engine with the adapters off (the frozen base alone): {result['base_engine_tok_s']:.0f} tok/s")
     return result
 
@@ -2223,7 +2271,6 @@ def init_distributed(cfg):
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
-
 
 
 def resumed_config(argv, run_dir):

@@ -325,7 +325,8 @@ def gradient_directions(policy, registry, cfg, lcfg, world):
     batch = dart.rollout(policy, registry, prompts, cfg, cfg.temperature, torch.Generator(policy.device).manual_seed(0))
     named = [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    mask, roles = dart.loss_mask(batch, policy.special, "joint")
+    roles = dart.predicting_roles(batch, policy.special)
+    mask = dart.loss_mask(batch, roles, "joint")
     by_role = [mask & (roles == role) for role in (dart.REASONING, dart.TOOL)]
     kept = [r for r in range(len(prompts)) if all(tokens[r].sum() >= 2 for tokens in by_role)]
     sets = {key: [] for key in ("reasoning", "tool", "reasoning_a", "reasoning_b", "tool_a", "tool_b")}

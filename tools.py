@@ -10,6 +10,8 @@ import ast
 import bisect
 import math
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 MAX_EXPR_CHARS = 200      # longer expressions are refused before parsing
 MAX_DEPTH = 32            # nesting depth of the expression tree
@@ -127,13 +129,26 @@ class Lookup:
         return format_number(record[attribute])
 
 
-# The registry: tag name -> tool(argument text) -> observation text.
-# Adding a tool is one line here (its tags <name> and </name> are derived from the name).
-TOOL_NAMES = ("calc", "lookup")
+# The registry: every tool is one entry of TOOLS, and adding a tool is adding an entry. The rest
+# follows from it: the tags <name> and </name> (each one token), the tools named in a --model's
+# prompt, the environment's dispatch, and how toy_tasks reads the calls a trajectory makes.
+
+
+@dataclass(frozen=True)
+class Tool:
+    usage: str  # how the prompt describes a call, e.g. "<calc>expression</calc> does arithmetic"
+    make: Callable  # the world's knowledge base -> the tool: argument text -> observation text
+
+
+TOOLS = {
+    "calc": Tool("<calc>expression</calc> does arithmetic", lambda kb: calculator),
+    "lookup": Tool("<lookup>Entity.attribute</lookup> reads a fact", Lookup),
+}
 
 
 def registry(kb):
-    return {"calc": calculator, "lookup": Lookup(kb)}
+    """name -> the tool, ready to run in this world."""
+    return {name: tool.make(kb) for name, tool in TOOLS.items()}
 
 
 def run_tool(tools, name, argument):

@@ -44,7 +44,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from tools import Lookup, calculator, format_number
+from tools import TOOLS, Lookup, calculator, format_number
 
 FAMILIES = ("arithmetic", "lookup", "multihop", "notool")
 ATTRIBUTES = {"population": (100, 999), "area": (10, 99), "height": (10, 99), "age": (10, 99)}
@@ -267,12 +267,10 @@ def tokenizer_corpus(world, n=2000, seed=0):
 
 # ---- judging a trajectory's decisions ----
 
-CALL = re.compile(r"<(calc|lookup)>(.*?)</\1>")
-
-
 def tool_calls(completion):
-    """[(tool, argument)] in the order written."""
-    return [(tool, argument.strip()) for tool, argument in CALL.findall(completion)]
+    """[(tool, argument)] in the order written, for every tool of the registry."""
+    names = "|".join(map(re.escape, TOOLS))
+    return [(tool, argument.strip()) for tool, argument in re.findall(rf"<({names})>(.*?)</\1>", completion)]
 
 
 def judge(task, completion):
