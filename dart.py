@@ -2022,9 +2022,11 @@ def difference_line(summaries, a, b):
 
 def stability_table(summaries):
     """Per run: the best evaluation (and its step) against the final one."""
-    rows = [(mode, seed, f"{100 * best:.1f} ({r['best']['step']})", f"{100 * final:.1f}", f"{100 * (final - best):+.1f}")
-            for mode, runs in summaries.items() for seed, r in enumerate(runs)
-            for best, final in [(r["best"]["test_acc"], r["final"]["test_acc"])]]
+    rows = []
+    for mode, runs in summaries.items():
+        for seed, r in enumerate(runs):
+            best, final = 100 * r["best"]["test_acc"], 100 * r["final"]["test_acc"]
+            rows.append((mode, seed, f"{best:.1f} ({r['best']['step']})", f"{final:.1f}", f"{final - best:+.1f}"))
     return markdown_table(("mode", "seed", "best test acc (step)", "final", "final - best"), rows)
 
 

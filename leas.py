@@ -143,7 +143,8 @@ def train_variants(cfg, lcfg, modes=TRAINED):
     states = {}
     for seed in range(lcfg.seeds):
         for mode in modes:
-            run = dataclasses.replace(cfg, mode=mode, seed=seed, out=os.path.join(runs_of(cfg, lcfg), f"{mode}-s{seed}"))
+            out = os.path.join(runs_of(cfg, lcfg), f"{mode}-s{seed}")
+            run = dataclasses.replace(cfg, mode=mode, seed=seed, out=out)
             dart.train_or_reuse(run)
             states[mode, seed] = load_file(os.path.join(run.out, "adapters.safetensors"))
     return states
@@ -372,8 +373,9 @@ def gradient_finding(usable, resamples, rng):
     if all(less):
         verdict = "cross-role is less aligned than same-role within a trajectory (both controls)"
     elif any(less):
-        role = "reasoning" if less[0] else "tool"
-        verdict = f"cross-role is less aligned than the {role} halves, not than the other role's"
+        role, other = ("reasoning", "tool") if less[0] else ("tool", "reasoning")
+        verdict = (f"cross-role is less aligned than two halves of the {role} tokens, not than two of the {other} "
+                   f"tokens")
     else:
         verdict = "cross-role is not less aligned than same-role within a trajectory"
     return lines + [f"finding: {verdict}"]

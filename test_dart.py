@@ -187,8 +187,8 @@ def fuzz_inputs(n, seed=0):
     """Character soup over the tiny tokenizer's characters plus unicode oddities, random
     well-formed expressions, and mutations of them that break them."""
     rng = random.Random(seed)
-    soup = "0123456789+-*/%().eE ,_abcxyzAB<>=![]{}'\"\n\t" + "\u0661\u00b2\u00bd\u221e\u202e\x00\u00e9\u20ac" + "".join(
-        WORLD.train_entities[:5])
+    soup = ("0123456789+-*/%().eE ,_abcxyzAB<>=![]{}'\"\n\t" + "\u0661\u00b2\u00bd\u221e\u202e\x00\u00e9\u20ac"
+            + "".join(WORLD.train_entities[:5]))
 
     def expression(depth):
         if depth == 0 or rng.random() < 0.3:
@@ -362,7 +362,8 @@ def test_reward_exact_match_after_canonical_formatting(completion, reward):
 # ---------------------------------------------------------------------------
 # token roles: the rule, and its one-token form, on hand-written sequences
 
-HAND = dart.SpanTags(opens=torch.tensor([10, 12]), ends=torch.tensor([11, 13, 14]))  # <calc> <lookup>; </calc> </lookup> <obs>
+# ids 10 <calc>, 12 <lookup> open a span; 11 </calc>, 13 </lookup>, 14 <obs> end one
+HAND = dart.SpanTags(opens=torch.tensor([10, 12]), ends=torch.tensor([11, 13, 14]))
 
 
 @pytest.mark.parametrize("ids, roles", [
@@ -716,7 +717,7 @@ def test_rollout_logprobs_and_roles_equal_the_training_forwards(make_policy, mod
     out = sampled(policy, cfg, prompts)
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
     assert (out.attention_mask[:, out.prompt_len:].bool() & ~out.written_by_policy).any()  # observations inserted
-    assert len(set(out.attention_mask[:, out.prompt_len:].sum(-1).tolist())) > 1  # rows left the batch at different steps
+    assert len(set(out.attention_mask[:, out.prompt_len:].sum(-1).tolist())) > 1  # rows finished at different steps
     with torch.no_grad():
         logp, _ = dart.response_logprobs(policy, out.ids, out.attention_mask, out.prompt_len, 1.0)
         logits = routed(policy, out.ids, out.attention_mask)[:, out.prompt_len - 1:-1]
@@ -1149,13 +1150,12 @@ def test_paired_differences_the_sweep_table_and_its_chart():
     mean, (lo, hi) = dart.paired_difference(a, b)
     assert mean == 10 and 0 < lo < 10 < hi
     runs = lambda rows: [{"final": {"test_acc": float(np.mean(r)), "test_correct": list(r)}} for r in rows]
-    assert dart.difference_line({"dart": runs(a), "joint": runs(b)}, "dart", "joint").endswith("dart is better at "
-                                                                                               "this budget")
+    line = lambda: dart.difference_line({"dart": runs(a), "joint": runs(b)}, "dart", "joint")
+    assert line().endswith("dart is better at this budget")
     a[2], b[2, rng.choice(200, 40, replace=False)] = 0, 1  # a third seed 20 points worse: no finding
     mean, (lo, hi) = dart.paired_difference(a, b)
     assert abs(mean) < 1e-9 and lo < 0 < hi
-    assert dart.difference_line({"dart": runs(a), "joint": runs(b)}, "dart", "joint").endswith("no detectable "
-                                                                                               "difference at this budget")
+    assert line().endswith("no detectable difference at this budget")
     halves = np.tile([1, 0], (2, 5))
     results = {1: {"joint": runs(halves), "dart": runs(ones[:2, :10])}, 8: {"joint": runs(ones), "dart": runs(ones)}}
     table = [line.replace(" ", "") for line in dart.sweep_table(results, ["joint", "dart"], [1, 8]).splitlines()]
@@ -1176,7 +1176,8 @@ def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, mo
     printed = capsys.readouterr().out
     assert re.search(r"\| LoRA rank r \| +joint \| +dart \| +dart - joint \|", printed)
     assert "dart - joint against the LoRA rank" in printed
-    assert json.load(open(tmp_path / "sweep" / "r2" / "dart-s0" / "config.json"))["alpha"] == 2 * cfg.alpha / cfg.lora_rank
+    alpha = json.load(open(tmp_path / "sweep" / "r2" / "dart-s0" / "config.json"))["alpha"]
+    assert alpha == 2 * cfg.alpha / cfg.lora_rank  # alpha/r kept
     monkeypatch.setattr(dart, "train", lambda run, report=True: pytest.fail("retrained"))
     dart.compare_modes(cfg)
     assert capsys.readouterr().out.count("reusing") == 4
@@ -1744,7 +1745,7 @@ def test_the_gradient_finding_is_stated_against_the_matched_controls():
     assert [("control" in label) for label in labels] == [False, True, True, False, False]
     assert all(label in table for label in labels)
     assert "finding: cross-role is not less aligned" in leas.gradient_table([result(0.0, 0.0, 0.0)])
-    assert "less aligned than the reasoning halves, not" in leas.gradient_table([result(0.1, 0.5, 0.1)])
+    assert "less aligned than two halves of the reasoning tokens, not" in leas.gradient_table([result(0.1, 0.5, 0.1)])
 
 
 def test_leas_end_to_end_writes_its_report_and_reuses_the_comparisons_runs(cfg_factory, tmp_path, monkeypatch,
