@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -32,6 +33,7 @@ import toy_tasks
 import tools
 
 torch.set_num_threads(2)
+HERE = pathlib.Path(__file__).resolve().parent
 WORLD = toy_tasks.make_world()
 REGISTRY = tools.registry(WORLD.kb)
 R, T = dart.REASONING, dart.TOOL
@@ -170,8 +172,6 @@ def test_lookup_is_forgiving_and_names_what_exists():
     assert lookup(f"{entity}.weight") == "error: attributes are population, area, height, age"
     assert lookup(f"{entity}x.height") == f"error: no entity; try {entity}"
     assert lookup("no dot here").startswith("error: write Entity.attribute")
-    assert tools.run_tool(REGISTRY, "search", "x").startswith("error: unknown tool 'search'")
-    assert tools.run_tool(REGISTRY, "calc", "   ") == "error: empty tool call"
 
 
 HOSTILE = ["9**9**9", "10**10**10", "(" * 10000, "1e308*10", "2**-1074", "١٢٣+٤", "²+1", "½", "∞",
@@ -344,19 +344,18 @@ def test_skill_rates_judge_only_the_decisions_reached():
         assert rates[f"skill_{skill}"] == 0.0 and rates["skill_call"] == 1.0
 
 
-@pytest.mark.parametrize("completion, reward", [
-    ("<answer>5350</answer>", 1.0),
-    ("<answer> 5350.0 </answer>", 1.0),
-    ("<answer>5,350</answer>", 1.0),
-    ("<answer>5351</answer>", 0.0),
-    ("the answer is 5350", 0.0),
-    ("<answer>5350", 0.0),
-    ("<answer>abc</answer>", 0.0),
+@pytest.mark.parametrize("completion, format_bonus, reward", [
+    ("<answer>5350</answer>", 0.0, 1.0),
+    ("<answer> 5350.0 </answer>", 0.0, 1.0),
+    ("<answer>5,350</answer>", 0.0, 1.0),
+    ("<answer>5351</answer>", 0.0, 0.0),
+    ("the answer is 5350", 0.0, 0.0),
+    ("<answer>5350", 0.0, 0.0),
+    ("<answer>abc</answer>", 0.0, 0.0),
+    ("<answer>1</answer>", 0.1, 0.1),  # a wrong but well-formed answer earns the format bonus
 ])
-def test_reward_exact_match_after_canonical_formatting(completion, reward):
-    task = toy_tasks.Task("q", "5350", "lookup", "")
-    assert toy_tasks.reward(completion, task) == reward
-    assert toy_tasks.reward("<answer>1</answer>", task, format_bonus=0.1) == 0.1
+def test_reward_exact_match_after_canonical_formatting(completion, format_bonus, reward):
+    assert toy_tasks.reward(completion, toy_tasks.Task("q", "5350", "lookup", ""), format_bonus) == reward
 
 
 # ---------------------------------------------------------------------------
@@ -390,27 +389,26 @@ def test_token_roles_and_next_role_agree_on_hand_written_sequences(ids, roles):
 # the DART layer: the base at zero, each token through its own adapter, gradients isolated
 
 
+def bare_logits(cfg, ids, attention, position):
+    """The logits of the cached base, with no adapter attached."""
+    base, _ = dart.load_base(cfg)
+    with torch.no_grad():
+        return base(input_ids=ids, attention_mask=attention, position_ids=position).logits
+
+
 @pytest.mark.parametrize("mode", dart.MODES)
-def test_zero_init_equals_base_model(make_policy, mode):
-    policy, cfg = make_policy(mode)
-    base, _ = dart.load_base(cfg)
-    ids, attention, position, roles = batch_of(policy)
+def test_zero_init_and_adapters_off_are_the_base_model(make_policy, mode):
+    """Fresh adapters (B = 0) leave the base's logits exactly as they were; nonzero ones change them,
+    and adapters_off() (the KL reference) removes them again."""
+    zero, cfg = make_policy(mode)
+    nonzero, _ = make_policy(mode, randomize=0.05)
+    ids, attention, position, roles = batch_of(zero)
+    bare = bare_logits(cfg, ids, attention, position)
     with torch.no_grad():
-        assert torch.equal(routed(policy, ids, attention, position, roles),
-                           base(input_ids=ids, attention_mask=attention, position_ids=position).logits)
-
-
-def test_adapters_off_is_the_reference_model(make_policy):
-    policy, cfg = make_policy("dart", randomize=0.05)
-    base, _ = dart.load_base(cfg)
-    ids, attention, position, roles = batch_of(policy)
-    with torch.no_grad():
-        adapted = routed(policy, ids, attention, position, roles)
-        with dart.adapters_off(policy.routing):
-            off = routed(policy, ids, attention, position, roles)
-        bare = base(input_ids=ids, attention_mask=attention, position_ids=position).logits
-    assert not torch.allclose(adapted, bare, atol=1e-3)  # the adapters do something...
-    assert torch.equal(off, bare)                         # ...and switching them off removes it
+        assert torch.equal(routed(zero, ids, attention, position, roles), bare)
+        assert not torch.allclose(routed(nonzero, ids, attention, position, roles), bare, atol=1e-3)  # they act...
+        with dart.adapters_off(nonzero.routing):
+            assert torch.equal(routed(nonzero, ids, attention, position, roles), bare)  # ...and off, they don't
 
 
 def block_view(policy, block):
@@ -492,20 +490,6 @@ def test_trainable_parameter_counts(make_policy):
     assert routers > 0 and counts["mixlora"] == counts["dart"] + routers
 
 
-def test_lora_dropout_acts_in_updates_only(make_policy):
-    policy, cfg = make_policy("dart", randomize=0.05, lora_dropout=0.5)
-    prompts = prompts_for(policy, 8, seed=6)
-    first, second = sampled(policy, cfg, prompts), sampled(policy, cfg, prompts)
-    assert torch.equal(first.ids, second.ids) and torch.equal(first.logprobs, second.logprobs)
-    on = first.written_by_policy
-    with torch.no_grad():
-        plain, _ = dart.response_logprobs(policy, first.ids, first.attention_mask, first.prompt_len, 1.0)
-        with dart.lora_dropout_on(policy.model):
-            dropped, _ = dart.response_logprobs(policy, first.ids, first.attention_mask, first.prompt_len, 1.0)
-    assert torch.allclose(plain[on], first.logprobs[on], atol=1e-4)
-    assert not torch.allclose(dropped[on], first.logprobs[on], atol=1e-3)
-
-
 # ---------------------------------------------------------------------------
 # GRPO's arithmetic
 
@@ -557,7 +541,7 @@ def test_learning_rate_schedule():
 
 # ---------------------------------------------------------------------------
 # the rollout engine: tools run mid-sequence, observations carry no loss, limits hold, and the
-# log-probs it records are the training forward's
+# log-probs it records are the training forward's (and the KL reference the bare base's)
 
 
 class ScriptedModel(torch.nn.Module):
@@ -651,7 +635,7 @@ def test_engine_runs_tools_forces_observations_and_masks_them(scripted):
     assert trained["dart"] == "Compute it. <calc>2+3</calc><answer>5</answer>"  # everything the policy wrote
 
 
-@pytest.mark.parametrize("script, error, limits", [
+@pytest.mark.parametrize("script, error, settings", [
     ("<calc>1+<lookup><answer>1</answer>", "error: calls cannot nest", {}),
     ("<calc>" + "1" * 40 + "<answer>1</answer>", "error: call over 24 tokens", {}),  # unclosed
     ("<calc></calc><answer>1</answer>", "error: empty tool call", {}),
@@ -661,16 +645,13 @@ def test_engine_runs_tools_forces_observations_and_masks_them(scripted):
     ("<calc>two</calc><answer>1</answer>", "error: bad character 'o'", {}),
     ("<lookup>Nowhere.height</lookup><answer>1</answer>", REGISTRY["lookup"]("Nowhere.height"), {}),
     ("<calc><answer>1</answer>", "error: at most 0 tool calls", {"max_tool_calls": 0}),  # refused at its tag
+    ("<lookup>A.b</lookup><answer>1</answer>", "error: unknown tool 'lookup'; tools are calc",
+     {"registry": {"calc": tools.calculator}}),  # a tag the environment has no tool for
 ])
-def test_malformed_calls_become_error_observations(scripted, script, error, limits):
-    out, policy = scripted([script], **limits)
+def test_malformed_calls_become_error_observations(scripted, script, error, settings):
+    out, policy = scripted([script], **settings)
     assert observations(out.texts[0]) == [as_observed(policy, error)]
     assert out.error_counts == out.observation_counts == [1] and out.texts[0].endswith("<answer>1</answer>")
-
-
-def test_an_unregistered_tool_is_an_error_observation(scripted):
-    out, policy = scripted(["<lookup>A.b</lookup><answer>1</answer>"], registry={"calc": tools.calculator})
-    assert observations(out.texts[0]) == [as_observed(policy, "error: unknown tool 'lookup'; tools are calc")]
 
 
 def test_a_tool_is_one_entry_of_the_registry(scripted, make_policy, monkeypatch):
@@ -711,20 +692,34 @@ def test_rollout_logprobs_and_roles_equal_the_training_forwards(make_policy, mod
     """The log-probs recorded while sampling (KV cache, one token at a time, forced observations,
     left padding, a group's prompt read once, finished rows dropped) equal those of the training
     forward over the finished sequences, and that forward (which also reads each prompt once)
-    equals a plain forward over every row; the roles the engine routed with are the rule's."""
-    policy, cfg = make_policy(mode, randomize=0.02)
+    equals a plain forward over every row; the roles the engine routed with are the rule's. LoRA
+    dropout acts in updates only: it is set, and neither the sampling nor that forward drops anything.
+    The update's KL reference, computed micro-batch by micro-batch (rows cut to their chunk's length,
+    prompts read once), is the bare base model's log-prob of every policy token."""
+    policy, cfg = make_policy(mode, randomize=0.02, lora_dropout=0.5)
     prompts = prompts_for(policy, 4, seed=3, group=3)
     out = sampled(policy, cfg, prompts)
+    parts = dart.micro_batches(out, 4)
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
     assert (out.attention_mask[:, out.prompt_len:].bool() & ~out.written_by_policy).any()  # observations inserted
     assert len(set(out.attention_mask[:, out.prompt_len:].sum(-1).tolist())) > 1  # rows finished at different steps
+    assert len({part.length for part in parts}) > 1  # micro-batches of different lengths
     with torch.no_grad():
         logp, _ = dart.response_logprobs(policy, out.ids, out.attention_mask, out.prompt_len, 1.0)
-        logits = routed(policy, out.ids, out.attention_mask)[:, out.prompt_len - 1:-1]
-    plain = torch.log_softmax(logits, -1).gather(-1, out.ids[:, out.prompt_len:, None]).squeeze(-1)
+        logits = routed(policy, out.ids, out.attention_mask)
+        with dart.lora_dropout_on(policy.model):
+            dropped, _ = dart.response_logprobs(policy, out.ids, out.attention_mask, out.prompt_len, 1.0)
+    ref = dart.reference_logprobs(policy, out, parts, 1.0)
+    of_response = lambda logits: torch.log_softmax(logits[:, out.prompt_len - 1:-1], -1).gather(
+        -1, out.ids[:, out.prompt_len:, None]).squeeze(-1)
+    plain = of_response(logits)
+    bare = of_response(bare_logits(cfg, out.ids, out.attention_mask, dart.position_ids(out.attention_mask)))
     on, real = out.written_by_policy, out.attention_mask.bool()
     assert torch.allclose(logp[on], out.logprobs[on], atol=1e-4) and torch.allclose(logp[on], plain[on], atol=1e-4)
+    assert not torch.allclose(dropped[on], out.logprobs[on], atol=1e-3)  # in an update, dropout acts
     assert torch.equal(out.roles[real], dart.token_roles(out.ids, policy.special.spans)[real])
+    assert torch.allclose(ref[on], bare[on], atol=1e-4)
+    assert not torch.allclose(ref[on], out.logprobs[on], atol=1e-3)  # not the adapted policy's
 
 
 def assert_limits_hold(policy, out, cfg):
@@ -773,24 +768,6 @@ def test_garbage_policies_neither_crash_nor_break_limits(make_policy, cfg_factor
 # the update: the loss is the same however it is cut, in whatever precision it runs
 
 
-def test_the_kl_reference_is_the_bare_base_per_micro_batch(make_policy):
-    """The KL reference of the update, computed micro-batch by micro-batch (rows cut to their
-    chunk's length, prompts read once), is the bare base model's log-prob of every policy token."""
-    policy, cfg = make_policy("dart", randomize=0.05)
-    base, _ = dart.load_base(cfg)
-    out = sampled(policy, cfg, prompts_for(policy, 3, seed=5, group=3), seed=1)
-    parts = dart.micro_batches(out, 4)
-    assert len({part.length for part in parts}) > 1  # micro-batches of different lengths
-    ref = dart.reference_logprobs(policy, out, parts, 1.0)
-    with torch.no_grad():
-        logits = base(input_ids=out.ids, attention_mask=out.attention_mask,
-                      position_ids=dart.position_ids(out.attention_mask)).logits[:, out.prompt_len - 1:-1]
-    bare = torch.log_softmax(logits, -1).gather(-1, out.ids[:, out.prompt_len:, None]).squeeze(-1)
-    on = out.written_by_policy
-    assert torch.allclose(ref[on], bare[on], atol=1e-4)
-    assert not torch.allclose(ref[on], out.logprobs[on], atol=1e-3)  # not the adapted policy's
-
-
 def test_micro_batching_does_not_change_the_gradient(make_policy):
     grads = []
     for micro_batch in (64, 3):  # 3 splits the groups of 2 and cuts each micro-batch to its own length
@@ -809,11 +786,9 @@ def test_equal_rewards_change_nothing_and_a_non_finite_loss_skips_the_step(make_
     optimizer = dart.make_optimizer(policy, cfg)
     before = dart.adapter_state(policy.model)
     unchanged = lambda: all(torch.equal(before[k], v) for k, v in dart.adapter_state(policy.model).items())
-    for value in (0.0, 1.0):
-        advantages = dart.group_advantages(torch.full((2, 4), value)).flatten()
-        assert torch.equal(advantages, torch.zeros(8))
-        metrics = dart.grpo_update(policy, optimizer, batch, advantages, cfg)
-        assert metrics["loss"] == 0.0 and metrics["skipped"] == 0 and unchanged()
+    advantages = dart.group_advantages(torch.ones(2, 4)).flatten()  # all zero (test_group_advantages)
+    metrics = dart.grpo_update(policy, optimizer, batch, advantages, cfg)
+    assert metrics["loss"] == 0.0 and metrics["skipped"] == 0 and unchanged()
     advantages = torch.ones(8)
     advantages[int(batch.written_by_policy.any(-1).nonzero()[0])] = float("nan")  # poison a row that carries loss
     assert dart.grpo_update(policy, optimizer, batch, advantages, cfg)["skipped"] == 1 and unchanged()
@@ -955,30 +930,27 @@ def gold_token_probabilities(policy, tasks):
     return {skill: [p for (s, _, _), p in zip(points, right) if s == skill] for skill in toy_tasks.SKILL_ROLES}
 
 
-def short_run(cfg_factory, tmp_path, **overrides):
+def short_run(cfg_factory, tmp_path, measure, **overrides):
     """Ten GRPO steps at the constant, higher rate that learns fastest (the default schedule is for 80
-    steps). Returns the policy before them, the run directory, and a function that loads the trained
-    adapters into the policy."""
+    steps). Returns `measure` of the gold token probabilities on 120 test questions before and after
+    them, and the run directory."""
     from safetensors.torch import load_file
     cfg = cfg_factory(steps=10, questions_per_step=8, group_size=8, lr=2e-3, lr_schedule="constant", warmup_steps=0,
                       eval_every=5, out=str(tmp_path / "run"), **overrides)
     run_dir = dart.train(cfg, report=False)
-    policy = dart.load_policy(cfg)
-    adapters = os.path.join(run_dir, "adapters.safetensors")
-    return policy, run_dir, lambda: dart.load_trainable(policy.model, load_file(adapters))
+    policy, tasks = dart.load_policy(cfg), toy_tasks.test_set(WORLD, 30)
+    before = measure(gold_token_probabilities(policy, tasks))
+    dart.load_trainable(policy.model, load_file(os.path.join(run_dir, "adapters.safetensors")))
+    return before, measure(gold_token_probabilities(policy, tasks)), run_dir
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_short_run_learns(cfg_factory, tmp_path, device):
     """Ten steps of DART raise the probability of the right choice where the demonstrator errs (the
-    mean over its four kinds of decision, on 120 test questions; on a GPU too, in bfloat16 where it
-    computes it natively), and the run logs every step and evaluates at its start, middle and end."""
-    policy, run_dir, load_trained = short_run(cfg_factory, tmp_path, device=device)
-    tasks = toy_tasks.test_set(WORLD, 30)
-    mean_over_skills = lambda: np.mean([np.mean(p) for p in gold_token_probabilities(policy, tasks).values()])
-    before = mean_over_skills()
-    load_trained()
-    after = mean_over_skills()
+    mean over its four kinds of decision; on a GPU too, in bfloat16 where it computes it natively),
+    and the run logs every step and evaluates at its start, middle and end."""
+    mean_over_skills = lambda probs: np.mean([np.mean(p) for p in probs.values()])
+    before, after, run_dir = short_run(cfg_factory, tmp_path, mean_over_skills, device=device)
     assert after >= before + 0.02, (before, after)
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == list(range(11))
@@ -990,15 +962,8 @@ def test_a_tool_only_run_learns_the_tool_calls(cfg_factory, tmp_path):
     expression where the demonstrator writes a wrong one, so the tool adapter alone has a skill to
     learn. The decision to call a tool, which tool_only does not train, moves less than half as much
     (its one adapter acts there too, but no loss reaches it from there)."""
-    policy, _, load_trained = short_run(cfg_factory, tmp_path, mode="tool_only")
-    tasks = toy_tasks.test_set(WORLD, 30)
-
-    def by_role():
-        probs = gold_token_probabilities(policy, tasks)
-        return {"tool": np.mean(probs["key"] + probs["expression"]), "call": np.mean(probs["call"])}
-    before = by_role()
-    load_trained()
-    after = by_role()
+    by_role = lambda probs: {"tool": np.mean(probs["key"] + probs["expression"]), "call": np.mean(probs["call"])}
+    before, after, _ = short_run(cfg_factory, tmp_path, by_role, mode="tool_only")
     gain = after["tool"] - before["tool"]
     assert gain >= 0.03 and abs(after["call"] - before["call"]) < gain / 2, (before, after)
 
@@ -1385,47 +1350,6 @@ def one_line_exit(main, argv):
     return message
 
 
-def nothing_may_be_built(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded for a command line that should have been refused")
-    monkeypatch.setattr(dart, "load_base", refuse)
-
-
-BAD_COMMAND_LINES = [  # (main, argv, what the one line must say)
-    ("dart", ["--stpes=3"], "--steps"),  # an unknown flag names the valid ones
-    ("dart", ["-seed=3"], "--seed"),
-    ("dart", ["--steps=three"], "int"),
-    ("dart", ["--scale_std=maybe"], "bool"),
-    ("dart", ["--mode=dartt"], "joint2r"),
-    ("dart", ["--steps"], "--steps"),
-    ("dart", ["--lr=nan"], "float"),
-    ("dart", ["--tiny_dim=190"], "multiple of --tiny_heads"),
-    ("dart", ["--tiny_dim=12", "--tiny_heads=4"], "even"),  # heads of size 3: rotary embeddings need even ones
-    ("dart", ["--tiny_dim=20", "--tiny_heads=4"], "even"),
-    ("dart", ["--targets=q_proj,qproj"], "no linear layer named qproj"),
-    ("dart", ["--warm_weights=lora"], "random weights"),
-    ("dart", ["--dtype=bfloat16", "--train_dtype=float32"], "bfloat16-rounded"),
-    ("dart", ["--compare", "--bench"], "separate commands"),
-    ("dart", ["--compare", "--modes=dart,jointt"], "comma-separated list"),
-    ("dart", ["--compare", "--ranks=1,x"], "positive integers"),
-    ("dart", ["--out=a-file"], "is a file"),
-    ("dart", ["--resume=."], "not a run directory"),
-    ("leas", ["gradient"], "grad"),
-    ("leas", ["--sample=4"], "--samples"),  # names leas.py's options and dart.py's
-    ("leas", ["--per_family=2", "--grad_questions=7"], "--grad_questions"),
-] + [("dart", [f"--device={device}"], f"no {device} device") for device, there in (
-    ("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if not there]
-
-
-@pytest.mark.parametrize("main, argv, says", BAD_COMMAND_LINES)
-def test_a_bad_command_line_is_refused_in_one_line_before_anything_is_built(main, argv, says, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "a-file").write_text("")
-    nothing_may_be_built(monkeypatch)
-    assert says in one_line_exit({"dart": dart.main, "leas": leas.main}[main], argv)
-    assert os.listdir(tmp_path) == ["a-file"]
-
-
 # one value out of range for every numeric option: refused as the command line is read
 BAD_VALUES = {
     "steps": 0, "seed": -1, "lora_rank": 0, "alpha": 0, "lora_dropout": 1.0, "questions_per_step": 0,
@@ -1454,17 +1378,48 @@ def test_every_numeric_option_has_a_bad_value_below_and_every_option_has_help(ca
     assert all(f"--{f.name}=" in printed for f in dataclasses.fields(leas.LeasConfig))
 
 
-@pytest.mark.parametrize("option", sorted(BAD_VALUES))
-def test_every_numeric_option_is_checked_at_the_door(option, tmp_path, monkeypatch):
-    """An out-of-range value stops the command at once, naming the option, the value and what is
-    allowed, before any model is built or any file written."""
+BAD_COMMAND_LINES = [  # (main, argv, what the one line must say: a regular expression)
+    ("dart", ["--stpes=3"], "--steps"),  # an unknown flag names the valid ones
+    ("dart", ["-seed=3"], "--seed"),
+    ("dart", ["--steps=three"], "int"),
+    ("dart", ["--scale_std=maybe"], "bool"),
+    ("dart", ["--mode=dartt"], "joint2r"),
+    ("dart", ["--steps"], "--steps"),
+    ("dart", ["--lr=nan"], "float"),
+    ("dart", ["--tiny_dim=190"], "multiple of --tiny_heads"),
+    ("dart", ["--tiny_dim=12", "--tiny_heads=4"], "even"),  # heads of size 3: rotary embeddings need even ones
+    ("dart", ["--tiny_dim=20", "--tiny_heads=4"], "even"),
+    ("dart", ["--targets=q_proj,qproj"], "no linear layer named qproj"),
+    ("dart", ["--warm_weights=lora"], "random weights"),
+    ("dart", ["--dtype=bfloat16", "--train_dtype=float32"], "bfloat16-rounded"),
+    ("dart", ["--compare", "--bench"], "separate commands"),
+    ("dart", ["--compare", "--modes=dart,jointt"], "comma-separated list"),
+    ("dart", ["--compare", "--ranks=1,x"], "positive integers"),
+    ("dart", ["--out=a-file"], "is a file"),
+    ("dart", ["--resume=."], "not a run directory"),
+    ("leas", ["gradient"], "grad"),
+    ("leas", ["--sample=4"], "--samples"),  # names leas.py's options and dart.py's
+    ("leas", ["--per_family=2", "--grad_questions=7"], "--grad_questions"),
+] + [("dart", [f"--device={device}"], f"no {device} device") for device, there in (
+    ("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if not there] + [
+    # an out-of-range value names the option, what is allowed, and the value
+    ("leas" if option in numeric_options(leas.LeasConfig) else "dart", [f"--{option}={value}"],
+     rf"--{option} must be (-1 or )?(at least|above|in \[).*, not {value}") for option, value in BAD_VALUES.items()]
+
+
+@pytest.mark.parametrize("main, argv, says", BAD_COMMAND_LINES)
+def test_a_bad_command_line_is_refused_in_one_line_before_anything_is_built(main, argv, says, tmp_path, monkeypatch):
+    """Bad input stops the command at once, in one line that says what is wrong, before any model is
+    built or any file written."""
     monkeypatch.chdir(tmp_path)
-    nothing_may_be_built(monkeypatch)
-    main = leas.main if option in numeric_options(leas.LeasConfig) else dart.main
-    message = one_line_exit(main, [f"--{option}={BAD_VALUES[option]}"])
-    assert f"--{option}" in message and str(BAD_VALUES[option]) in message
-    assert re.search(r"must be (-1 or )?(at least|above|in \[)", message), message
-    assert os.listdir(tmp_path) == []
+    (tmp_path / "a-file").write_text("")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded for a command line that should have been refused")
+    monkeypatch.setattr(dart, "load_base", refuse)
+    message = one_line_exit({"dart": dart.main, "leas": leas.main}[main], argv)
+    assert re.search(says, message), message
+    assert os.listdir(tmp_path) == ["a-file"]
 
 
 def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_factory, tmp_path):
@@ -1622,7 +1577,7 @@ def test_torchrun_end_to_end_and_resume(cfg_factory, tmp_path):
 
     def torchrun(args):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "dart.py")] + args
+                   str(HERE / "dart.py")] + args
         done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
@@ -1645,12 +1600,20 @@ def test_torchrun_end_to_end_and_resume(cfg_factory, tmp_path):
 def test_fit_effects_recovers_planted_lambdas():
     """Without noise, exactly, from six variants or three seeds of them stacked; from binomial
     successes (N = 400 per variant and seed, 3 seeds) through the smoothed logit, each lambda within
-    0.25 for 95% of questions and lambda23's sign right whenever |lambda23| > 0.5."""
+    0.25 for 95% of questions and lambda23's sign right whenever |lambda23| > 0.5. Each effect is a
+    difference of variants (the paper's closed forms), which pins every row of the design matrix:
+    e.g. lambda12 is what M_Tool's adapter does on reasoning tokens."""
     rng = np.random.default_rng(0)
     lambdas = rng.normal(0, 1, size=(6, 50))
     X = leas.design_matrix()
     fitted, residuals = leas.fit_effects(X, X @ lambdas)
     assert np.allclose(fitted, lambdas, atol=1e-10) and np.allclose(residuals, 0, atol=1e-10)
+    z = dict(zip(leas.VARIANTS, X @ lambdas))
+    closed = {"lambda1": z["Base"], "lambda2": z["H_Tool"] - z["Base"], "lambda3": z["H_Reas"] - z["Base"],
+              "lambda12": z["M_Tool"] - z["H_Tool"], "lambda13": z["M_Reas"] - z["H_Reas"],
+              "lambda23": z["M_Unified"] - z["M_Tool"] - z["M_Reas"] + z["Base"]}
+    for name, row in zip(leas.EFFECTS, fitted):
+        assert np.allclose(row, closed[name]), name
     stacked = leas.design_matrix(leas.VARIANTS * 3)  # three seeds: overdetermined, still exact
     assert np.allclose(leas.fit_effects(stacked, stacked @ lambdas)[0], lambdas, atol=1e-10)
     lambdas = rng.normal(0, 0.6, size=(6, 300))
@@ -1662,19 +1625,6 @@ def test_fit_effects_recovers_planted_lambdas():
     assert np.abs(residuals).max() > 0  # overdetermined with noise: residuals are reported
     z = leas.smoothed_logit(np.array([0, 8, 16]), 16)
     assert np.all(np.isfinite(z)) and z[1] == 0 and np.isclose(z[0], -z[2])
-
-
-def test_effects_closed_forms():
-    """Each effect is a difference of variants (the paper's closed forms), which pins every row of
-    the design matrix: e.g. lambda12 is what M_Tool's adapter does on reasoning tokens."""
-    Z = np.random.default_rng(2).normal(size=(6, 20))
-    fitted, _ = leas.fit_effects(leas.design_matrix(), Z)
-    z = dict(zip(leas.VARIANTS, Z))
-    closed = {"lambda1": z["Base"], "lambda2": z["H_Tool"] - z["Base"], "lambda3": z["H_Reas"] - z["Base"],
-              "lambda12": z["M_Tool"] - z["H_Tool"], "lambda13": z["M_Reas"] - z["H_Reas"],
-              "lambda23": z["M_Unified"] - z["M_Tool"] - z["M_Reas"] + z["Base"]}
-    for name, row in zip(leas.EFFECTS, fitted):
-        assert np.allclose(row, closed[name]), name
 
 
 def test_seed_interval_and_conclusion():
@@ -1689,14 +1639,13 @@ def test_seed_interval_and_conclusion():
 
 def test_hybrids_place_adapters_in_role_blocks(make_policy):
     policy, cfg = make_policy("dart")
-    base, _ = dart.load_base(cfg)
     shapes = {n: p[: cfg.lora_rank].shape if n.endswith("lora_A") else p[:, : cfg.lora_rank].shape
               for n, p in policy.model.named_parameters() if p.requires_grad}
     torch.manual_seed(1)
     states = {(m, 0): {n: torch.randn(s) * 0.05 for n, s in shapes.items()} for m in leas.TRAINED}
     ids, attention, position, roles = batch_of(policy, n=2)
+    bare = bare_logits(cfg, ids, attention, position)
     with torch.no_grad():
-        bare = base(input_ids=ids, attention_mask=attention, position_ids=position).logits
         leas.place_variant(policy, states, "Base", 0)
         assert torch.equal(routed(policy, ids, attention, position, roles), bare)
         leas.place_variant(policy, states, "H_Tool", 0)
@@ -1772,21 +1721,6 @@ def test_leas_end_to_end_writes_its_report_and_reuses_the_comparisons_runs(cfg_f
 # the layer outside this repository: pasted alone, with generate(), and as PEFT files
 
 
-def readme_code(section):
-    """The first python block of a README section, exactly as printed."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
-        text = f.read()
-    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", body, re.DOTALL).group(1)
-
-
-def layer_block():
-    """The lines of dart.py between its two marker lines, exactly as a reader would copy them."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dart.py")) as f:
-        text = f.read()
-    return text[text.index("# >>> DART layer\n"):text.index("# <<< DART layer\n")]
-
-
 def test_the_layer_block_pastes_alone_and_the_readme_snippet_routes_like_the_engine(small_hf_folder, tmp_path,
                                                                                      monkeypatch):
     """The block between the markers runs in an empty namespace (it imports torch and the standard
@@ -1794,9 +1728,13 @@ def test_the_layer_block_pastes_alone_and_the_readme_snippet_routes_like_the_eng
     in your own code" snippet, run verbatim after it on a small model saved under the hub name it
     loads (from_pretrained takes a local folder of that name first), trains both adapters, and its
     generate() with the role hook produces the logits of dart.py's engine."""
-    block = layer_block()
+    # the lines of dart.py between its two marker lines, and the first python block of the README's
+    # section, exactly as a reader would copy them
+    source, readme = (HERE / "dart.py").read_text(), (HERE / "README.md").read_text()
+    block = source[source.index("# >>> DART layer\n"):source.index("# <<< DART layer\n")]
     assert set(re.findall(r"^(?:from|import) (\w+)", block, re.M)) <= {"contextlib", "dataclasses", "math", "torch"}
-    code = readme_code("Use the DART layer in your own code")
+    section = readme.split("\n## Use the DART layer in your own code\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     name = re.search(r'name = "(.+?)"', code).group(1)
     shutil.copytree(small_hf_folder, tmp_path / name)
     monkeypatch.chdir(tmp_path)
