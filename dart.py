@@ -879,11 +879,14 @@ def evaluate(policy, registry, tasks, cfg, batch_size=256):
     return metrics
 
 
-def clock(device):
-    """Wall time, after the device has finished what it was given."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter()
+def timed(device, work):
+    """work()'s result and its wall time, counted until the device has finished what it was given."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    result = work()
+    sync()
+    return result, time.perf_counter() - started
 
 
 SEED_STRIDE = 1_000_003  # a prime above any step count: (seed, step) pairs never share a seed
@@ -950,18 +953,16 @@ def rl_step(policy, optimizer, registry, world, cfg, step):
     tasks = tasks[rank * share:(rank + 1) * share]
     # 2. G rollouts per question, scored against the gold answer
     prompts = [prompt_ids(policy.tok, t.question) for t in tasks for _ in range(cfg.group_size)]
-    started = clock(policy.device)
-    batch = rollout(policy, registry, prompts, cfg, cfg.temperature, generator)
-    rollout_seconds = clock(policy.device) - started
+    batch, rollout_seconds = timed(policy.device, lambda: rollout(policy, registry, prompts, cfg, cfg.temperature,
+                                                                  generator))
     rewards = [toy_tasks.reward(text, tasks[i // cfg.group_size], cfg.format_bonus)
                for i, text in enumerate(batch.texts)]
     advantages = group_advantages(torch.tensor(rewards).view(len(tasks), cfg.group_size), cfg.scale_std)
+    advantages = advantages.flatten().to(policy.device)
     # 3. the update
-    started = clock(policy.device)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(cfg, step)
-    metrics = grpo_update(policy, optimizer, batch, advantages.flatten().to(policy.device), cfg)
-    update_seconds = clock(policy.device) - started
+    metrics, update_seconds = timed(policy.device, lambda: grpo_update(policy, optimizer, batch, advantages, cfg))
     # 4. what the step's rollouts did, over every process's
     lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1).tolist()
     rewards, calls, errors, observations, lengths, texts = (list(column) for column in zip(*gather_lists(list(zip(
@@ -1187,9 +1188,10 @@ def no_signal_warning(history):
 
 
 class RunFiles:
-    """The run directory: config.json, metrics.jsonl (one JSON object per step), speed.jsonl,
-    checkpoints. It is created only once the model is loaded (and a resumed run's checkpoint read),
-    so a run that fails before it trains leaves nothing behind. Under torchrun only rank 0 writes."""
+    """The run directory: config.json, metrics.jsonl (one JSON object per step; eval results on eval
+    steps), speed.jsonl, checkpoint.pt. It is created only once the model is loaded (and a resumed
+    run's checkpoint read), so a run that fails before it trains leaves nothing behind. Under
+    torchrun only rank 0 writes."""
 
     def __init__(self, cfg, start):
         self.dir, self.writes, self.history = cfg.out, process_rank() == 0, []
@@ -1222,18 +1224,14 @@ class RunFiles:
         if speed is not None:
             self.append("speed.jsonl", {"step": record["step"], **speed})
 
-    def checkpoint(self, policy, optimizer, cfg, step):
-        if self.writes:
-            save_checkpoint(self.dir, policy, optimizer, cfg, step)
-
 
 def train(cfg, report=True):
-    """The whole RL run. Returns the run directory, which holds config.json, metrics.jsonl (one
-    JSON object per step; eval results on eval steps), speed.jsonl, checkpoint.pt,
-    adapters.safetensors and results.md. Under torchrun only rank 0 writes and prints."""
+    """The whole RL run. Returns the run directory: RunFiles' files, adapters.safetensors and results.md."""
     # 1. the settings, checked before anything is built; the folder; the base this run trains on
     check_config(cfg)
-    check_process_count(cfg)
+    if cfg.questions_per_step % process_count():
+        raise DartError(f"--questions_per_step={cfg.questions_per_step} must be a multiple of the number of "
+                        f"processes ({process_count()}): each process rolls out whole groups")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfg.out = broadcast_from_first(cfg.out or os.path.join("runs", f"{stamp}-{cfg.mode}-s{cfg.seed}"))
     if not cfg.resume and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
@@ -1267,8 +1265,8 @@ def train(cfg, report=True):
             record.update(metrics)
             bar.set_postfix(reward=f"{metrics['reward']:.2f}", tool_calls=f"{metrics['tool_calls']:.1f}")
         files.log(record, speed)
-        if step < cfg.steps and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            files.checkpoint(policy, optimizer, cfg, step + 1)
+        if files.writes and step < cfg.steps and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(cfg.out, policy, optimizer, cfg, step + 1)
     # 4. results.md, and the report: the table, the reward curve, a trajectory by role
     if files.writes:
         table, curve = write_results(cfg.out, files.history, cfg)
@@ -1310,16 +1308,13 @@ def new_tiny_model(cfg, tok):
     return LlamaForCausalLM(config)
 
 
-def looks_like_path(name):
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1  # hub ids are owner/name
-
-
 def hf_model(cfg):
     """--model (any HF causal LM) with the tags as single tokens, checked for the linear layers
     that --targets names before minutes of warm start are spent on it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     name = cfg.model
-    if looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1  # hub ids are owner/name
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
         raise DartError(f"--model={name} looks like a path but no such directory exists; pass a folder "
                         f"with config.json and weights, or omit --model for the embedded tiny model.")
     try:
@@ -1642,9 +1637,8 @@ def above(low):
     return lambda value: value > low, f"above {low}"
 
 
-def between(low, high, high_included=True):
-    inside = (lambda v: low <= v <= high) if high_included else (lambda v: low <= v < high)
-    return inside, f"in [{low}, {high}{']' if high_included else ')'}"
+def between(low, high):
+    return lambda value: low <= value < high, f"in [{low}, {high})"
 
 
 def one_of(*choices):
@@ -1678,7 +1672,7 @@ class Config:
     # adapters
     lora_rank: int = option(8, "rank r of EACH adapter (DART has two: 2r units in all)", at_least(1))
     alpha: float = option(16.0, "LoRA scale is alpha / r", above(0))
-    lora_dropout: float = option(0.0, "dropout on the LoRA branch, in updates only", between(0, 1, False))
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch, in updates only", between(0, 1))
     targets: str = option(",".join(ATTENTION_AND_MLP), "names of the linear layers that get adapters")
     # GRPO
     questions_per_step: int = option(8, "questions per RL step", at_least(1))
@@ -1688,7 +1682,7 @@ class Config:
                               one_of("cosine", "constant"))
     warmup_steps: int = option(5, "steps of linear learning-rate warmup", at_least(0))
     temperature: float = option(1.0, "sampling temperature; log-probs use the same", above(0))
-    clip_eps: float = option(0.2, "PPO clip range of the ratio", between(0, 1, False))
+    clip_eps: float = option(0.2, "PPO clip range of the ratio", between(0, 1))
     kl_beta: float = option(0.01, "weight of the k3 KL to the adapters-off reference (0 = skip it)", at_least(0))
     scale_std: bool = option(True, "divide advantages by the group std (false = Dr. GRPO)")
     loss_agg: str = option("token_mean", "token_mean | seq_mean | dr_grpo", one_of("token_mean", "seq_mean", "dr_grpo"))
@@ -1697,7 +1691,7 @@ class Config:
     micro_batch: int = option(8, "rows per forward/backward in the update (memory; the loss is the same at any size)",
                               at_least(1))
     max_grad_norm: float = option(1.0, "gradient clipping", above(0))
-    format_bonus: float = option(0.0, "reward for a wrong but well-formed answer (paper: 0)", between(0, 1, False))
+    format_bonus: float = option(0.0, "reward for a wrong but well-formed answer (paper: 0)", between(0, 1))
     # rollout limits
     max_new_tokens: int = option(80, "tokens per response, observations included", at_least(1))
     max_tool_calls: int = option(4, "tool calls per response", at_least(0))
@@ -1773,6 +1767,9 @@ def check_config(cfg, where=""):
         raise DartError(f"{where}--{commands[0]} and --{commands[1]} are separate commands; give one")
 
 
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def parse_args(argv, defaults=None, names=None):
     """--key=value overrides of a config dataclass (Config by default). Anything unknown, mistyped
     or out of range raises DartError naming the valid keys or values (`names`: the list to show,
@@ -1787,24 +1784,15 @@ def parse_args(argv, defaults=None, names=None):
         if not has_value and kind is not bool:
             raise DartError(f"--{key} needs a value, e.g. --{key}={getattr(cfg, key)}")
         try:
-            value = parse_value(kind, text if has_value else "true")
-        except ValueError:
+            value = BOOLS[text.lower() if has_value else "true"] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            value = None
+        if value is None or (kind is float and not math.isfinite(value)):
             raise DartError(f"--{key} expects a {kind.__name__} value like --{key}={getattr(type(cfg)(), key)}, "
-                            f"not {text!r}") from None
+                            f"not {text!r}")
         setattr(cfg, key, value)
     check_config(cfg)
     return cfg
-
-
-def parse_value(kind, text):
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(text)
-        return text.lower() in ("true", "1", "yes")
-    value = kind(text)
-    if kind is float and not math.isfinite(value):
-        raise ValueError(text)
-    return value
 
 
 def help_text(usage, *config_classes):
@@ -2064,8 +2052,7 @@ def interval_chart(rows, width=41):
 
 def compare_modes(cfg):
     """Train every mode at every LoRA rank on the same tasks, seeds and budget (each rank keeps
-    alpha/r), or reuse the runs already there (runs_folder: the same command, or one with more
-    modes, seeds or ranks, or leas.py, finds the runs it already has); print and save the tables."""
+    alpha/r), or reuse the runs already there (runs_folder); print and save the tables."""
     modes = cfg.modes.split(",")
     ranks = [int(r) for r in cfg.ranks.split(",")] if cfg.ranks else [cfg.lora_rank]
     out = broadcast_from_first(cfg.out or runs_folder(cfg))
@@ -2122,12 +2109,6 @@ def benchmark(cfg, repeats=5):
     prompts = [prompt_ids(policy.tok, t.question) for t in tasks]
     seeded = lambda: torch.Generator(device).manual_seed(0)
     batch = rollout(policy, registry, prompts, cfg, cfg.temperature, seeded())
-
-    def timed(work):
-        started = clock(device)
-        work()
-        return clock(device) - started
-
     # 2. sampling: the engine with tool calls, the same without the adapters, and generate() without tools,
     # before any update: the adapters are still zero, so all three sample the same tokens, and the engine's
     # difference with the adapters off is what the LoRA branches cost
@@ -2135,14 +2116,16 @@ def benchmark(cfg, repeats=5):
     new_tokens = batch.written_by_policy.shape[1]
     engine_s, base_engine_s, generate_s = [], [], []
     for _ in tqdm(range(repeats), desc="bench: engine vs generate"):
-        engine_s.append(timed(lambda: rollout(policy, registry, prompts, cfg, cfg.temperature, seeded())))
+        engine_s.append(timed(device, lambda: rollout(policy, registry, prompts, cfg, cfg.temperature, seeded()))[1])
         with adapters_off(policy.routing):
-            base_engine_s.append(timed(lambda: rollout(policy, registry, prompts, cfg, cfg.temperature, seeded())))
+            base_engine_s.append(timed(device, lambda: rollout(policy, registry, prompts, cfg, cfg.temperature,
+                                                               seeded()))[1])
         policy.routing.route(torch.tensor(REASONING, device=device))  # one gate for every token
         with torch.no_grad(), autocast(device, policy.sample_dtype):
-            generate_s.append(timed(lambda: policy.model.generate(
+            generate_s.append(timed(device, lambda: policy.model.generate(
                 input_ids=ids, attention_mask=attention, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=True, top_k=None, top_p=None, temperature=cfg.temperature, pad_token_id=policy.special.pad)))
+                do_sample=True, top_k=None, top_p=None, temperature=cfg.temperature,
+                pad_token_id=policy.special.pad))[1])
     # 3. the updates, interleaved so that drift in the machine's speed hits every mode alike; the first
     # round warms up; then the KL reference pass alone (the frozen base's share of an update)
     advantages = torch.randn(len(prompts), generator=torch.Generator().manual_seed(0)).to(device)
@@ -2150,33 +2133,27 @@ def benchmark(cfg, repeats=5):
     update_s = {mode: [] for mode in policies}
     for repeat in tqdm(range(repeats + 1), desc="bench: GRPO updates"):
         for mode, p in policies.items():
-            seconds = timed(lambda: grpo_update(p, optimizers[mode], batch, advantages, cfg))
+            seconds = timed(device, lambda: grpo_update(p, optimizers[mode], batch, advantages, cfg))[1]
             if repeat:
                 update_s[mode].append(seconds)
     with policy.update_precision():
-        reference_s = [timed(lambda: reference_logprobs(policy, batch, micro_batches(batch, cfg.micro_batch),
-                                                        cfg.temperature)) for _ in range(repeats)]
+        reference_s = [timed(device, lambda: reference_logprobs(policy, batch, micro_batches(batch, cfg.micro_batch),
+                                                                cfg.temperature))[1] for _ in range(repeats)]
     # 4. medians, and the report
     median = {mode: float(np.median(seconds)) for mode, seconds in update_s.items()}
     slots = len(prompts) * new_tokens
-    result = {"update_s": median, "dart_over_joint2r": median["dart"] / median["joint2r"],
-              "two_agent_over_dart": median["two_agent"] / median["dart"], "reference_s": float(np.median(reference_s)),
-              "base_engine_tok_s": slots / np.median(base_engine_s), "engine_tok_s": slots / np.median(engine_s),
-              "engine_real_tok_s": batch.attention_mask[:, batch.prompt_len:].sum().item() / np.median(engine_s),
-              "generate_tok_s": slots / np.median(generate_s), "rows": len(prompts), "new_tokens": new_tokens}
-    result["engine_over_generate"] = result["engine_tok_s"] / result["generate_tok_s"]
+    engine, generate = slots / np.median(engine_s), slots / np.median(generate_s)
+    real = batch.attention_mask[:, batch.prompt_len:].sum().item() / np.median(engine_s)
     print(f"\nGRPO update on one batch of {len(prompts)} rollouts (median of {repeats}), device {device}:")
     for mode, seconds in median.items():
         print(f"  {mode:<10} {seconds:.3f} s")
-    print(f"  dart / joint2r = {result['dart_over_joint2r']:.3f}   two_agent / dart = "
-          f"{result['two_agent_over_dart']:.2f}")
-    print(f"  of dart's update, the KL reference (the frozen base alone, no gradient): {result['reference_s']:.3f} s")
-    print(f"sampling {len(prompts)} rows x {new_tokens} new tokens: engine with tools {result['engine_tok_s']:.0f} "
-          f"tok/s ({result['engine_real_tok_s']:.0f} tok/s counting only tokens before each row's end), "
-          f"model.generate without tools {result['generate_tok_s']:.0f} tok/s: ratio "
-          f"{result['engine_over_generate']:.2f}")
-    print(f"  the engine with the adapters off (the frozen base alone): {result['base_engine_tok_s']:.0f} tok/s")
-    return result
+    print(f"  dart / joint2r = {median['dart'] / median['joint2r']:.3f}   two_agent / dart = "
+          f"{median['two_agent'] / median['dart']:.2f}")
+    print(f"  of dart's update, the KL reference (the frozen base alone, no gradient): {np.median(reference_s):.3f} s")
+    print(f"sampling {len(prompts)} rows x {new_tokens} new tokens: engine with tools {engine:.0f} tok/s ({real:.0f} "
+          f"tok/s counting only tokens before each row's end), model.generate without tools {generate:.0f} tok/s: "
+          f"ratio {engine / generate:.2f}")
+    print(f"  the engine with the adapters off (the frozen base alone): {slots / np.median(base_engine_s):.0f} tok/s")
 
 
 # -----------------------------------------------------------------------------
@@ -2197,12 +2174,6 @@ def process_rank():
 def process_count():
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def check_process_count(cfg):
-    if cfg.questions_per_step % process_count():
-        raise DartError(f"--questions_per_step={cfg.questions_per_step} must be a multiple of the number of "
-                        f"processes ({process_count()}): each process rolls out whole groups")
 
 
 def all_reduce_sum(tensor):
