@@ -371,12 +371,9 @@ class Policy:
 
     @contextlib.contextmanager
     def update_precision(self):
-        """Forwards inside run at the update's precision (train_dtype). The frozen linear weights
-        are held in the sampling precision; when the update's is lower (float32 sampling, a
-        bfloat16 update), they are cast down once here instead of by autocast in every forward of
-        every micro-batch: autocast would make the same cast, so the numbers are identical, and the
-        price is a second copy of those weights during the update. The other way round (bfloat16
-        sampling, a float32 update) is refused by autocast_dtypes: the float32 originals are gone."""
+        """Forwards inside run at train_dtype. When it is lower than the sampling precision, the
+        frozen linear weights are cast down once here, not by autocast in every forward (the same
+        cast, so the same numbers, for a second copy of the weights during the update)."""
         held, wanted = self.sample_dtype or torch.float32, self.train_dtype or torch.float32
         restore = hold_frozen_linears(self.model, wanted) if wanted != held else (lambda: None)
         self.in_update = True
@@ -564,10 +561,9 @@ def read_prompts(policy, prompts, ids, attention_mask, position, roles, caches):
 
 
 def environment_turn(states, live, sampled, policy, registry, cfg):
-    """One step of every row, on the host: a row with forced tokens queued feeds the next one (an
-    observation, no loss); any other live row keeps what the policy sampled, which the environment
-    then reads. Returns each row's token, whether the policy wrote it, and whether the row is still
-    writing afterwards (it stops after writing eos or </answer>)."""
+    """One step of every live row, on the host: the next forced token if any are queued (no loss),
+    else the sampled one, which the environment reads. Returns each row's token, whether the policy
+    wrote it, and whether the row goes on (it stops after eos or </answer>)."""
     special = policy.special
     tokens, by_policy, active = [special.pad] * len(states), [False] * len(states), [False] * len(states)
     for i, token in zip(live, sampled):
@@ -643,12 +639,10 @@ def rollout(policy, registry, prompts, cfg, temperature, generator=None):
 
 
 def response_logprobs(policy, ids, attention_mask, prompt_len, temperature, with_entropy=True, prompt_keys=None):
-    """Log-probs of the response tokens, and the policy's entropy at each response position (None
-    without with_entropy: the KL reference needs none, and it is a pass over the vocabulary), from
-    a training forward over the same ids, mask, positions and roles the rollout used, read the way
-    the rollout reads them: each distinct prompt once, then every row's response on a copy of its
-    prompt's KV cache (the gradient flows back through the copies into the shared prompt).
-    prompt_keys: which rows share a prompt, when the caller knows; else read off the ids."""
+    """Log-probs of the response tokens and (with_entropy) the policy's entropy at each position,
+    from a training forward that reads the batch as the rollout did: each distinct prompt once
+    (prompt_keys: which rows share one, else read off the ids), then every row's response on a
+    copy of its prompt's KV cache, through which the gradient flows back into the shared prompt."""
     roles, position = token_roles(ids, policy.special.spans), position_ids(attention_mask)
     prompt = (slice(None), slice(None, prompt_len))
     if prompt_keys is None:
@@ -674,11 +668,9 @@ class MicroBatch:
 
 
 def micro_batches(batch, size):
-    """The batch's rows `size` at a time, each micro-batch cut to the length of its longest response
-    (short answers are not padded to the longest of the batch). Rows are ordered by the longest
-    response of their question's group, then by question, so that a question's rows stay together
-    and share the reading of their prompt. Planned on the host from two reads, before the update
-    starts, so that its loop over micro-batches never waits on the device."""
+    """The batch's rows `size` at a time, each micro-batch cut to its longest response. Rows are
+    ordered by their question group's longest response, so that a group stays together and reads
+    its prompt once. Planned on the host before the update, whose loop then never waits on the device."""
     lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1).tolist()
     _, of_row = share_prompts(batch.ids[:, :batch.prompt_len].tolist())
     group_length = {}
@@ -782,10 +774,9 @@ def grpo_update(policy, optimizer, batch, advantages, cfg):
 
 
 class UpdateLog:
-    """What grpo_update reports, per role: the mean loss, KL and entropy of the tokens with loss,
-    and how far the training log-probs are from the sampler's. Each micro-batch's tensors are kept
-    and read at the end, when the update's work is done: a read inside the loop would make the
-    host wait for the GPU before it could queue the next micro-batch."""
+    """What grpo_update reports per role (mean loss, KL and entropy of the tokens with loss) and the
+    gap between training and sampling log-probs. Read at the end: a read inside the loop would make
+    the host wait for the GPU before queueing the next micro-batch."""
 
     def __init__(self, batch, mask, roles):
         self.batch, self.mask, self.roles = batch, mask, roles
@@ -830,10 +821,9 @@ class DartError(Exception):
 
 
 def call_stats(texts, call_counts, observation_counts, error_counts):
-    """Tool use and format of a set of responses: calls per response, the share of observations that
-    were not errors (None, not 100%, when there was none), errors per response, and format health:
-    the shares of responses with a well-formed <answer> and of those the environment answered a call
-    of (a model without the format scores zero everywhere, and GRPO has nothing to learn from)."""
+    """Tool use and format health of a set of responses: calls and errors per response, the share of
+    observations that were not errors (None when there was none), and the shares with a well-formed
+    <answer> and with an answered call (without the format, every reward is 0: nothing to learn)."""
     observations = sum(observation_counts)
     return {"tool_calls": float(np.mean(call_counts)),
             "valid_calls": 1 - sum(error_counts) / observations if observations else None,
@@ -843,9 +833,8 @@ def call_stats(texts, call_counts, observation_counts, error_counts):
 
 
 def skill_rates(tasks, texts):
-    """Per skill of the toy world (the decisions where the demonstrator errs: calling a tool, the
-    hops, the lookup key, the calculator expression), the share of the questions with that pitfall
-    on which the response reached the decision and got it right; None where none reached it."""
+    """Per skill (a decision where the demonstrator errs), the share of the questions with that
+    pitfall on which the response reached the decision and got it right; None where none did."""
     verdicts = {skill: [] for skill in toy_tasks.SKILL_ROLES}
     for task, text in zip(tasks, texts):
         pitfalls = {skill for skill, _, _ in task.slips}
@@ -857,9 +846,8 @@ def skill_rates(tasks, texts):
 
 @torch.no_grad()
 def evaluate(policy, registry, tasks, cfg, batch_size=256):
-    """Greedy accuracy on `tasks`, per family and per skill, with tool use, format health and each
-    question's 0/1 result (for paired comparisons between runs). Under torchrun every process
-    answers a share of the questions."""
+    """Greedy accuracy on `tasks` per family and per skill, tool use, format health, and each
+    question's 0/1 result (for paired comparisons). Under torchrun each process answers a share."""
     rank, count = process_rank(), process_count()
     mine = list(range(rank, len(tasks), count))
     answers = []
@@ -898,23 +886,19 @@ def step_seed(seed, step):
     return seed * SEED_STRIDE + step
 
 
-def warmup_ramp(step, warmup_steps):
-    """The share of the peak learning rate during a linear warmup (1 after it)."""
-    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
-def warmup_cosine(peak, step, total, warmup_steps):
-    """Linear warmup over warmup_steps, then a cosine decay to 10% of the peak at step `total`."""
-    return peak * warmup_ramp(step, warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step / total))))
+def warmup_cosine(peak, step, total, warmup_steps, decay=True):
+    """Linear warmup over warmup_steps, then constant or (decay) a cosine decay to 10% of the peak
+    at step `total`. A function of the step alone, so a resumed run continues the same schedule."""
+    ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if not decay:
+        return peak * ramp
+    return peak * ramp * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step / total))))
 
 
 def learning_rate(cfg, step):
-    """The RL learning rate: warmup, then constant or a cosine decay to 10% at the last step. A
-    function of the step alone, so a resumed run continues the same schedule. The decay keeps the
-    last steps small, so that a run ends near its best evaluation instead of drifting away from it."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr * warmup_ramp(step, cfg.warmup_steps)
-    return warmup_cosine(cfg.lr, step, max(1, cfg.steps - 1), cfg.warmup_steps)
+    """The RL learning rate. The decay keeps the last steps small, so that a run ends near its best
+    evaluation instead of drifting away from it."""
+    return warmup_cosine(cfg.lr, step, max(1, cfg.steps - 1), cfg.warmup_steps, cfg.lr_schedule == "cosine")
 
 
 def reset_peak_memory(device):
@@ -1188,10 +1172,9 @@ def no_signal_warning(history):
 
 
 class RunFiles:
-    """The run directory: config.json, metrics.jsonl (one JSON object per step; eval results on eval
-    steps), speed.jsonl, checkpoint.pt. It is created only once the model is loaded (and a resumed
-    run's checkpoint read), so a run that fails before it trains leaves nothing behind. Under
-    torchrun only rank 0 writes."""
+    """The run directory: config.json, metrics.jsonl (a JSON object per step), speed.jsonl. Created
+    once the model is loaded and a resumed run's checkpoint read, so that a run that fails before it
+    trains leaves nothing behind. Under torchrun only rank 0 writes."""
 
     def __init__(self, cfg, start):
         self.dir, self.writes, self.history = cfg.out, process_rank() == 0, []
@@ -1410,8 +1393,7 @@ WARM_LORA_LR_FACTOR = 10  # LoRA's best learning rate is about 10x that of train
 
 def warm_weights(cfg, device):
     """What the warm start trains: "all" weights, or a "lora" and the tags' rows (auto: lora for a
-    --model on CUDA, where memory is scarce; all elsewhere, and always for the tiny model, which
-    starts from random weights)."""
+    --model on CUDA, where memory is scarce; all elsewhere, and for the tiny model's random weights)."""
     if cfg.warm_weights != "auto":
         return cfg.warm_weights
     return "lora" if cfg.model != "tiny" and device.startswith("cuda") else "all"
@@ -1489,9 +1471,8 @@ def lora_warm_start(model, tok, cfg, device, dtype):
 
 def build_base(cfg, device):
     """The base before RL: the tiny model (its tokenizer trained here, its weights random) or
-    --model with the tags added, then the supervised warm start (--warm_steps=0: none). For a
-    --model, all weights train or (--warm_weights=lora, the default on CUDA) a LoRA and the tags'
-    embedding rows: either way those rows train, without them the model cannot learn to write a tag."""
+    --model with the tags added, then the supervised warm start (--warm_steps=0: none), which
+    always trains the tags' embedding rows: without them no model can learn to write a tag."""
     if cfg.model == "tiny":
         tok = build_tokenizer(cfg, toy_tasks.make_world())
         torch.manual_seed(cfg.warm_seed)
@@ -1572,10 +1553,8 @@ def load_base(cfg, device="cpu"):
 
 def autocast_dtypes(cfg, device):
     """Autocast dtypes (None = full precision) of (sampling and evaluation, the update and the warm
-    start). auto = bfloat16 on a CUDA GPU that computes it natively, float32 elsewhere: older GPUs
-    (T4, V100, Turing laptops) only emulate bfloat16, slower than float32. train_dtype auto = as
-    dtype; on a CPU with bfloat16 units, --train_dtype=bfloat16 makes the update and warm start
-    faster."""
+    start). auto = bfloat16 on a CUDA GPU that computes it natively (older GPUs emulate it, slower
+    than float32), float32 elsewhere; train_dtype auto = as dtype."""
     native_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
     pick = lambda name: {"auto": torch.bfloat16 if native_bf16 else None, "float32": None,
                          "bfloat16": torch.bfloat16}[name]
@@ -1884,11 +1863,9 @@ def verdict(text, task, error_count):
 
 
 def showcase(policy, registry, test, cfg):
-    """The trajectory to show: a test question needing two lookups and a calculation, worded so
-    that the warm start's demonstrator often writes a wrong tool call for it (a paraphrase mapped
-    to the wrong key, or a miscomposed expression): the first such question the policy answers
-    right, greedily, or the first one, marked wrong. (Any multihop question where a small test
-    split holds none of these.)"""
+    """The trajectory to show: of the multihop test questions on which the warm start's
+    demonstrator writes a wrong tool call (any multihop question, if none), the first that the
+    policy answers right, greedily, or else the first one, marked wrong."""
     multihop = [t for t in test if t.family == "multihop"]
     tricky = [t for t in multihop if slipped_call(t)] or multihop
     out = rollout(policy, registry, [prompt_ids(policy.tok, t.question) for t in tricky], cfg, temperature=0)
@@ -2234,9 +2211,8 @@ def check_same_adapters(model, step):
 
 def init_distributed(cfg):
     """Under torchrun (it sets WORLD_SIZE, RANK and LOCAL_RANK), join the process group: nccl with
-    one GPU per process on CUDA, gloo on CPU. Without torchrun: nothing. The timeout is long because
-    the other processes wait in a barrier while rank 0 warm-starts a base, which can take longer
-    than the default 10 minutes."""
+    one GPU per process on CUDA, gloo on CPU. The timeout is long: the other processes wait while
+    rank 0 warm-starts a base, which can take longer than the default 10 minutes."""
     import datetime
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or process_count() > 1:
         return
