@@ -923,9 +923,8 @@ def peak_memory_mb(device):
 
 
 def rl_step(policy, optimizer, registry, world, cfg, step):
-    """Sample a batch of train questions, roll out G answers each, score, update. Under torchrun
-    every process draws the same questions and rolls out its share of them. Returns the step's
-    metrics and its speed (kept apart: times differ from run to run, metrics do not)."""
+    """Sample train questions, roll out G answers each, score, update (under torchrun each process
+    its share). Returns the metrics and the speed apart: times differ between runs, metrics do not."""
     rank = process_rank()
     # 1. the step's questions (the same in every process) and its own sampling seed
     rng = random.Random(step_seed(cfg.seed, step))
@@ -1054,9 +1053,8 @@ def load_checkpoint(run_dir, policy, optimizer, cfg):
 
 
 def write_peft_adapters(run_dir):
-    """Write a run's adapters as PEFT LoRA adapters, one folder per block: peft/reasoning and
-    peft/tool for dart and two_agent, peft/shared for the one-adapter modes. Loaded with PEFT on
-    the base the run trained on, each gives the logits DART gives with every token in that role."""
+    """A run's adapters as PEFT LoRA adapters, a folder per block (peft/reasoning and peft/tool, or
+    peft/shared): with PEFT on the run's base, each gives DART's logits with every token in its role."""
     from safetensors.torch import load_file, save_file
     cfg = saved_config(run_dir)
     if cfg.mode == "mixlora":
@@ -1143,9 +1141,8 @@ def train_or_reuse(run):
 
 
 def runs_folder(cfg):
-    """Where the runs of --compare and leas.py live: runs/<model>-<hash of every setting the runs
-    share, alpha/r included>/r<rank>/<mode>-s<seed>. Commands with the same settings find each
-    other's runs there and reuse them."""
+    """Where the runs of --compare and leas.py live, found and reused by any command with the same
+    settings: runs/<model>-<hash of the settings they share, alpha/r included>/r<rank>/<mode>-s<seed>."""
     shared = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k not in NOT_THE_RUN | {"mode", "seed", "lora_rank", "alpha"}}
     shared["alpha_over_rank"] = cfg.alpha / cfg.lora_rank
@@ -1315,10 +1312,9 @@ def hf_model(cfg):
 
 
 def add_tag_tokens(model, tok):
-    """Make every tag one token. A tag the tokenizer lacks is added; its input and output
-    embeddings start as the mean of the embeddings of its text's ordinary pieces. The embedding
-    matrix grows only when the tokenizer outgrows it: many models (Qwen2.5's 151,936 rows for
-    151,665 tokens) keep spare rows so that the output layer's size suits the GPU's tiles."""
+    """Make every tag one token: a missing tag is added, its input and output embeddings the mean
+    of its text's pieces. The matrix grows only when the tokenizer outgrows it (many models keep
+    spare rows: Qwen2.5 has 151,936 for 151,665 tokens)."""
     missing = [tag for tag in tags() if tag not in tok.get_vocab()]
     if not missing:
         return
@@ -1345,9 +1341,8 @@ def warm_start_settings(cfg):
 
 
 def imitate_demonstrations(model, tok, params, cfg, lr, device, dtype, desc):
-    """The supervised warm start: train `params` on the demonstrator's trajectories, with the loss
-    on the tokens the policy writes. Short on purpose: the base should know the format but leave
-    room for RL (the paper starts from an instruct model, not from an expert)."""
+    """The supervised warm start: `params` learn the demonstrator's trajectories (loss on the tokens
+    the policy writes). Short on purpose: the base should know the format and leave room for RL."""
     steps, batch_size, _ = warm_start_settings(cfg)
     world = toy_tasks.make_world()
     special = special_ids(tok)
@@ -1378,15 +1373,12 @@ def imitate_demonstrations(model, tok, params, cfg, lr, device, dtype, desc):
     return model.eval()
 
 
-# The warm start's memory. Training every weight with AdamW holds 16 bytes a parameter (float32
-# weight, gradient and two moments): 7.9 GB for Qwen2.5-0.5B's 494M parameters before any
-# activation, more than a laptop GPU's 8 GB. So on a GPU the warm start trains a copy of the model
-# held in bfloat16 (494M x 2 bytes = 1.0 GB), frozen, with a rank-64 LoRA on every linear layer
-# (35M float32 parameters x 16 bytes = 0.6 GB) and the tags' embedding rows as the only trainable
-# weights; then activations (~1.5 GB for 8 rows of ~150 tokens) and the vocabulary's logits and
-# their gradient (~3 GB: 8 x 150 x 151,936 in bfloat16 and float32), about 6 GB in all. The LoRA is
-# then merged, in float32, into the original weights, which never left the CPU: the cached base is
-# an ordinary float32 HF model either way. None of this has been measured on a GPU yet.
+# The warm start's memory. Training every weight with AdamW holds 16 bytes a parameter (weight,
+# gradient, two moments): 7.9 GB for Qwen2.5-0.5B's 494M, more than a laptop GPU's 8 GB. So on a
+# GPU it trains a frozen bfloat16 copy (1.0 GB) with a rank-64 LoRA on every linear (35M x 16 bytes
+# = 0.6 GB) and the tags' rows; with activations (~1.5 GB, 8 rows of ~150 tokens) and the logits and
+# their gradient (~3 GB), about 6 GB. The LoRA is merged in float32 into the original weights, which
+# never left the CPU. None of this has been measured on a GPU yet.
 WARM_LORA_RANK, WARM_LORA_ALPHA = 64, 128.0
 WARM_LORA_LR_FACTOR = 10  # LoRA's best learning rate is about 10x that of training every weight
 
@@ -1406,9 +1398,8 @@ def warm_dtype(cfg, device):
 
 
 def embedding_scale(embed, ids):
-    """The factor by which the input embedding module multiplies a row: 1 for most models,
-    sqrt(hidden size) inside Gemma's. Measured on the rows `ids`; a module that does anything
-    other than scale its rows is refused, since the warm start's hook could not stand in for it."""
+    """The factor by which the input embedding multiplies a row (1 for most models, sqrt(hidden size)
+    in Gemma), measured on the rows `ids`. A module that does more is refused: no hook can stand in."""
     with torch.no_grad():
         rows, out = embed.weight[ids].float(), embed(ids).float()
         scale = ((out * rows).sum() / (rows * rows).sum()).item()
@@ -1419,10 +1410,9 @@ def embedding_scale(embed, ids):
 
 
 def trainable_tag_rows(model, tag_ids):
-    """The tags' rows of the input and output embeddings as parameters of their own, put in place
-    by forward hooks: training them needs no gradient or AdamW moments for the whole vocabulary
-    (151,936 x 896 for Qwen2.5-0.5B). Returns (input rows, output rows): one parameter when the
-    embeddings are tied. The hooks stay on `model`: call it on a copy that is thrown away after."""
+    """The tags' rows of the input and output embeddings as parameters of their own (one when tied),
+    put in place by forward hooks, so that no gradient or AdamW moment covers the whole vocabulary.
+    The hooks stay on `model`: call it on a copy that is thrown away after."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     ids = torch.tensor(tag_ids, device=embed.weight.device)
     rows_in = nn.Parameter(embed.weight[ids].detach().float().clone())
@@ -1444,9 +1434,8 @@ def trainable_tag_rows(model, tag_ids):
 
 
 def lora_warm_start(model, tok, cfg, device, dtype):
-    """The warm start in the memory of a small GPU (see above): a frozen copy of `model` on
-    `device` in `dtype` trains a rank-64 LoRA and the tags' rows; both are then written into
-    `model` (float32, on the CPU): W += (alpha / rank) B A, and the rows."""
+    """The warm start in a small GPU's memory (see above): a frozen copy of `model` in `dtype` trains
+    a rank-64 LoRA and the tags' rows, then written into `model`: W += (alpha / rank) B A, and the rows."""
     targets = [name for name in ATTENTION_AND_MLP if name in linear_names(model)]
     if not targets:
         raise DartError(f"--model={cfg.model} has no linear layer named {', '.join(ATTENTION_AND_MLP)} for the LoRA "
@@ -1510,9 +1499,8 @@ def folder_fingerprint(name):
 
 
 def base_key(cfg):
-    """What the cached base depends on: the model (tiny: its tiny_* size; else the folder's
-    contents), the warm start as it will run on this device, the task world and the tags (a new
-    tool adds tags, which the cache would lack), and the observations' cut."""
+    """What the cached base depends on: the model (tiny_* sizes, or the folder's contents), the
+    warm start as it will run on this device, the world, the tags and the observations' cut."""
     device = resolve_device(cfg)
     world = toy_tasks.make_world()
     key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("tiny_")} \
@@ -1578,8 +1566,7 @@ def resolve_device(cfg):
 
 def load_policy(cfg):
     """The base with DART layers attached, on its device. With a sampling dtype (bfloat16 on a GPU)
-    the frozen linear weights are held in it from here on: autocast would cast each of them again
-    in every forward, for a 0.5B model gigabytes of memory traffic per sampled token."""
+    the frozen linears are held in it from here on, not cast again by autocast in every forward."""
     from transformers.utils import logging
     logging.disable_progress_bar()  # our own bars say what is happening
     device = resolve_device(cfg)
@@ -1750,9 +1737,8 @@ BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no":
 
 
 def parse_args(argv, defaults=None, names=None):
-    """--key=value overrides of a config dataclass (Config by default). Anything unknown, mistyped
-    or out of range raises DartError naming the valid keys or values (`names`: the list to show,
-    when another parser takes the other flags of the same command line)."""
+    """--key=value overrides of a config dataclass (Config by default); anything unknown, mistyped
+    or out of range raises DartError naming the valid keys (`names`, when it is not the dataclass's)."""
     cfg = defaults or Config()
     kinds = {f.name: f.type for f in dataclasses.fields(cfg)}
     for arg in argv:
@@ -1963,10 +1949,9 @@ def bootstrap_interval(values, resamples=2000, rng=None, statistic=np.mean):
 
 
 def paired_difference(a, b, resamples=2000, seed=0):
-    """a, b: (seeds, questions) 0/1 results of two modes on the same seeds and test questions.
-    The mean of a - b in points, and a 95% interval from a bootstrap that resamples the seeds
-    and the questions together: a difference that counts must hold for other training runs and
-    for other questions, not only for these."""
+    """a, b: (seeds, questions) 0/1 results of two modes on the same seeds and test questions. The
+    mean of a - b in points, and a 95% interval from a bootstrap over seeds and questions together:
+    a difference that counts must hold for other training runs and other questions."""
     d = (np.asarray(a, dtype=float) - np.asarray(b, dtype=float)) * 100
     return float(d.mean()), bootstrap_interval(d, resamples, np.random.default_rng(seed))
 
@@ -2073,9 +2058,8 @@ def compare_modes(cfg):
 
 
 def benchmark(cfg, repeats=5):
-    """The cost claims, measured side by side in one process: a GRPO update of dart vs joint2r
-    vs two_agent on the same batch, and the rollout engine vs model.generate; and how much of
-    each is the frozen base itself (the KL reference pass, the engine with the adapters off)."""
+    """The cost claims side by side in one process: a GRPO update of dart vs joint2r vs two_agent
+    on one batch, the engine vs model.generate, and the frozen base's share of each."""
     # 1. three policies on one base, and one batch of rollouts that every update will train on
     world = toy_tasks.make_world()
     registry = tools.registry(world.kb)
