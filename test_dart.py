@@ -119,8 +119,11 @@ def flat(tensors):
 # ---------------------------------------------------------------------------
 # the world: tools that never raise, splits that hold out, a demonstrator that errs in each role
 
+ENTITY = WORLD.train_entities[0]
+HEIGHT = tools.format_number(WORLD.kb[ENTITY]["height"])
 
-@pytest.mark.parametrize("expr, expected", [
+
+@pytest.mark.parametrize("tool, text, expected", [("calc", expr, expected) for expr, expected in [
     ("5230+120", "5350"),
     ("2*3+4", "10"),
     ("10/4", "2.5"),
@@ -158,20 +161,15 @@ def flat(tensors):
     ("1_000", "error: bad character '_'"),
     ("e", "error: unsupported element Name"),
     ("1 2", "error: not a valid expression"),
+]] + [  # the lookup forgives case and spaces, and names what exists
+    ("lookup", f"{ENTITY}.height", HEIGHT),
+    ("lookup", f"  {ENTITY.lower()} . HEIGHT ", HEIGHT),
+    ("lookup", f"{ENTITY}.weight", "error: attributes are population, area, height, age"),
+    ("lookup", f"{ENTITY}x.height", f"error: no entity; try {ENTITY}"),
+    ("lookup", "no dot here", "error: write Entity.attribute"),
 ])
-def test_calculator_table(expr, expected):
-    assert tools.calculator(expr) == expected
-
-
-def test_lookup_is_forgiving_and_names_what_exists():
-    lookup = tools.Lookup(WORLD.kb)
-    entity = WORLD.train_entities[0]
-    value = tools.format_number(WORLD.kb[entity]["height"])
-    assert lookup(f"{entity}.height") == value
-    assert lookup(f"  {entity.lower()} . HEIGHT ") == value
-    assert lookup(f"{entity}.weight") == "error: attributes are population, area, height, age"
-    assert lookup(f"{entity}x.height") == f"error: no entity; try {entity}"
-    assert lookup("no dot here").startswith("error: write Entity.attribute")
+def test_tool_table(tool, text, expected):
+    assert {"calc": tools.calculator, "lookup": tools.Lookup(WORLD.kb)}[tool](text) == expected
 
 
 HOSTILE = ["9**9**9", "10**10**10", "(" * 10000, "1e308*10", "2**-1074", "١٢٣+٤", "²+1", "½", "∞",
