@@ -258,7 +258,9 @@ def test_gold_trajectories_solve_their_tasks_and_every_slip_errs_in_its_own_skil
     """A gold trajectory replays through the real tools, earns reward 1 and judge() finds every
     decision right. A demonstrator's slip replays too, earns nothing, judge() marks exactly its own
     skill wrong, and it leaves the gold trajectory inside a tool call for the tool skills and
-    outside every call for the reasoning skills."""
+    outside every call for the reasoning skills. skill_rates() judges only the decisions reached:
+    every skill right for gold responses, 'call' wrong and nothing else reached for responses that
+    give up, only their own skill wrong for the demonstrator's tool slips."""
     for family in toy_tasks.FAMILIES:
         for task in sample_tasks(200, family=family, seed=1):
             assert toy_tasks.reward(task.trajectory, task) == 1.0 and replays(task.trajectory)
@@ -273,6 +275,13 @@ def test_gold_trajectories_solve_their_tasks_and_every_slip_errs_in_its_own_skil
             where = next(i for i, (a, b) in enumerate(zip(task.trajectory, trajectory)) if a != b)
             assert ("tool" if inside_tool_call(task.trajectory, where) else "reasoning") == toy_tasks.SKILL_ROLES[skill]
     assert seen == set(toy_tasks.SKILL_ROLES)
+    tasks = [t for t in sample_tasks(200, split="test", seed=9) if t.slips]
+    assert dart.skill_rates(tasks, [t.trajectory for t in tasks]) == {f"skill_{s}": 1.0 for s in toy_tasks.SKILL_ROLES}
+    gave_up = dart.skill_rates(tasks, [toy_tasks.GIVE_UP_TEXT] * len(tasks))
+    assert gave_up == {"skill_call": 0.0, "skill_hops": None, "skill_key": None, "skill_expression": None}
+    for skill in ("key", "expression"):
+        rates = dart.skill_rates(*zip(*[(t, text) for t in tasks for s, _, text in t.slips if s == skill]))
+        assert rates[f"skill_{skill}"] == 0.0 and rates["skill_call"] == 1.0
 
 
 def test_the_demonstrator_errs_at_the_intended_rates_and_leaves_both_roles_something_to_learn():
@@ -328,18 +337,6 @@ TWO_HOPS = toy_tasks.Task("What is the size of Avalon plus the age of Kalo?", "4
 ])
 def test_judge_on_hand_written_completions(task, completion, expected):
     assert toy_tasks.judge(task, completion) == expected
-
-
-def test_skill_rates_judge_only_the_decisions_reached():
-    """Gold responses get every skill right; responses that give up get 'call' wrong and reach
-    no other decision; the demonstrator's tool slips get only their own skill wrong."""
-    tasks = [t for t in sample_tasks(200, split="test", seed=9) if t.slips]
-    assert dart.skill_rates(tasks, [t.trajectory for t in tasks]) == {f"skill_{s}": 1.0 for s in toy_tasks.SKILL_ROLES}
-    gave_up = dart.skill_rates(tasks, [toy_tasks.GIVE_UP_TEXT] * len(tasks))
-    assert gave_up == {"skill_call": 0.0, "skill_hops": None, "skill_key": None, "skill_expression": None}
-    for skill in ("key", "expression"):
-        rates = dart.skill_rates(*zip(*[(t, text) for t in tasks for s, _, text in t.slips if s == skill]))
-        assert rates[f"skill_{skill}"] == 0.0 and rates["skill_call"] == 1.0
 
 
 @pytest.mark.parametrize("completion, format_bonus, reward", [
