@@ -433,20 +433,6 @@ def test_dart_with_one_role_is_a_single_lora_and_joint2r_one_of_rank_2r(make_pol
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("role", [R, T])
-def test_inactive_block_gets_exactly_zero_gradient_at_other_roles_positions(role):
-    torch.manual_seed(0)
-    routing = dart.Routing("dart", lora_rank=4, alpha=8.0, device="cpu")
-    layer = dart.DartLinear(torch.nn.Linear(16, 8), routing, 0.0, with_router=False, generator=torch.Generator())
-    torch.nn.init.normal_(layer.lora_B)
-    roles = torch.tensor([[0, 0, 1, 1, 0, 1], [1, 1, 1, 0, 0, 0]])
-    routing.route(roles)
-    layer(torch.randn(2, 6, 16))[roles == role].square().sum().backward()
-    own, other = dart.block_units(role, 4), dart.block_units(1 - role, 4)
-    assert torch.count_nonzero(layer.lora_A.grad[other]) == 0 and torch.count_nonzero(layer.lora_B.grad[:, other]) == 0
-    assert torch.count_nonzero(layer.lora_A.grad[own]) > 0 and torch.count_nonzero(layer.lora_B.grad[:, own]) > 0
-
-
 def block_grad(policy, ids, attention, loss_positions, block=T):
     """Sum of |grad| over one adapter block's tensors, for a loss on the logits at loss_positions."""
     policy.model.zero_grad(set_to_none=True)
@@ -457,9 +443,22 @@ def block_grad(policy, ids, attention, loss_positions, block=T):
 
 
 def test_the_tool_block_learns_only_through_tool_spans_and_two_agent_isolation_is_total(make_policy):
-    """Without a tool span the tool block gets no gradient at all. With one, attention carries a
-    token's loss into the other role's adapter in `dart` (the README's caveat); in `two_agent`
-    neither role's loss ever reaches the other agent's adapter."""
+    """In one layer, a block gets exactly zero gradient from the other role's positions, and some from
+    its own. In the model, without a tool span the tool block gets no gradient at all. With one,
+    attention carries a token's loss into the other role's adapter in `dart` (the README's caveat);
+    in `two_agent` neither role's loss ever reaches the other agent's adapter."""
+    torch.manual_seed(0)
+    routing = dart.Routing("dart", lora_rank=4, alpha=8.0, device="cpu")
+    layer = dart.DartLinear(torch.nn.Linear(16, 8), routing, 0.0, with_router=False, generator=torch.Generator())
+    torch.nn.init.normal_(layer.lora_B)
+    roles = torch.tensor([[0, 0, 1, 1, 0, 1], [1, 1, 1, 0, 0, 0]])
+    routing.route(roles)
+    x = torch.randn(2, 6, 16)
+    for role in (R, T):
+        grad_A, grad_B = torch.autograd.grad(layer(x)[roles == role].square().sum(), (layer.lora_A, layer.lora_B))
+        own, other = dart.block_units(role, 4), dart.block_units(1 - role, 4)
+        assert torch.count_nonzero(grad_A[other]) == 0 and torch.count_nonzero(grad_B[:, other]) == 0
+        assert torch.count_nonzero(grad_A[own]) > 0 and torch.count_nonzero(grad_B[:, own]) > 0
     policy, _ = make_policy("dart", randomize=0.05)
     ids = torch.tensor([dart.prompt_ids(policy.tok, "Which is larger, 12 or 34?") + encode(
         policy, "No tool needed. <answer>34</answer>")])
