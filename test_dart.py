@@ -1194,7 +1194,9 @@ def small_hf_folder(tmp_path_factory):
 def test_warm_start_of_an_hf_model_teaches_the_format_and_is_cached(small_hf_folder, cfg_factory, monkeypatch):
     """The supervised warm start of a --model (here the small random HF model) runs, is cached
     under runs/cache and reused, and afterwards the model writes the tags: it answers in
-    <answer>...</answer>, which the untrained model never does."""
+    <answer>...</answer>, which the untrained model never does. It trains every weight on the CPU and
+    a LoRA on CUDA (the tiny model every weight everywhere); a LoRA warm start asked for on the CPU is
+    cached apart, and leaves no adapter behind but the RL's own."""
     cfg = cfg_factory(model=str(small_hf_folder), warm_steps=40, warm_batch=8, warm_lr=3e-3, lora_rank=4)
     tasks = sample_tasks(16, seed=3)
 
@@ -1206,6 +1208,14 @@ def test_warm_start_of_an_hf_model_teaches_the_format_and_is_cached(small_hf_fol
     warm = dart.load_policy(cfg)
     assert os.path.exists(os.path.join(dart.base_path(cfg), "base.json"))
     assert answered(warm) >= 0.5
+    assert dart.warm_weights(cfg, "cuda") == "lora" and dart.warm_weights(cfg, "cpu") == "all"
+    assert dart.warm_weights(cfg_factory(), "cuda") == "all"  # the tiny model starts random: all its weights train
+    lora = dataclasses.replace(cfg, warm_weights="lora", warm_steps=2)  # two steps: where it lands is what is checked
+    assert dart.warm_weights(lora, "cpu") == "lora"
+    assert dart.base_path(lora) != dart.base_path(dataclasses.replace(lora, warm_weights=cfg.warm_weights))
+    policy = dart.load_policy(lora)
+    assert os.path.exists(os.path.join(dart.base_path(lora), "base.json"))
+    assert sum(isinstance(m, dart.DartLinear) for m in policy.model.modules()) == 14  # the RL's own, no more
     monkeypatch.setattr(dart, "imitate_demonstrations", lambda *a, **k: pytest.fail("the cached base was not reused"))
     again = dart.load_policy(cfg)
     assert all(torch.equal(a, b) for a, b in zip(warm.model.state_dict().values(), again.model.state_dict().values()))
@@ -1261,18 +1271,6 @@ def test_lora_warm_start_leaves_a_plain_model_that_computes_what_its_trained_cop
             assert torch.equal(p[others], before[name][others]) and not torch.equal(p[tag_ids], before[name][tag_ids])
         elif "norm" not in name and name.endswith("weight"):  # (a LoRA leaves biases as they are)
             assert not torch.equal(p, before[name]), name  # every linear layer got its LoRA merged
-
-
-def test_the_warm_start_trains_a_lora_on_cuda_every_weight_elsewhere_and_caches_them_apart(small_hf_folder,
-                                                                                            cfg_factory):
-    cfg = cfg_factory(model=str(small_hf_folder), warm_steps=2, warm_batch=8, lora_rank=4)
-    assert dart.warm_weights(cfg, "cuda") == "lora" and dart.warm_weights(cfg, "cpu") == "all"
-    assert dart.warm_weights(cfg_factory(), "cuda") == "all"  # the tiny model starts random: all its weights train
-    lora = dataclasses.replace(cfg, warm_weights="lora")
-    assert dart.warm_weights(lora, "cpu") == "lora" and dart.base_path(lora) != dart.base_path(cfg)
-    policy = dart.load_policy(lora)
-    assert os.path.exists(os.path.join(dart.base_path(lora), "base.json"))
-    assert sum(isinstance(m, dart.DartLinear) for m in policy.model.modules()) == 14  # the RL's own, no more
 
 
 def test_a_model_without_the_target_linears_is_refused_before_its_warm_start(small_hf_folder, tmp_path, monkeypatch):
