@@ -1619,16 +1619,6 @@ def test_fit_effects_recovers_planted_lambdas():
     assert np.all(np.isfinite(z)) and z[1] == 0 and np.isclose(z[0], -z[2])
 
 
-def test_seed_interval_and_conclusion():
-    mean, (lo, hi) = leas.seed_interval([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.30
-    assert mean == 2.0 and np.isclose(hi - mean, 4.30 / np.sqrt(3)) and np.isclose(mean - lo, hi - mean)
-    assert leas.seed_interval([0.5]) == (0.5, None)
-    assert leas.conclusion(-1.0, (-1.5, -0.5)).startswith("interference")
-    assert leas.conclusion(1.0, (0.5, 1.5)).startswith("synergy")
-    assert leas.conclusion(0.2, (-0.5, 0.9)).startswith("no conclusion")
-    assert leas.conclusion(0.2, None).startswith("no conclusion")
-
-
 def test_hybrids_place_adapters_in_role_blocks(make_policy):
     policy, cfg = make_policy("dart")
     shapes = {n: p[: cfg.lora_rank].shape if n.endswith("lora_A") else p[:, : cfg.lora_rank].shape
@@ -1673,9 +1663,18 @@ def test_role_gradients_and_their_random_halves_add_up_to_the_full_gradient(make
     assert torch.nn.functional.cosine_similarity(flat(g_a), flat(g_a_again), dim=0) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_the_gradient_finding_is_stated_against_the_matched_controls():
-    """Cross-role cosines below both within-trajectory controls read as 'less aligned'; equal to
-    them, as 'not less aligned', whatever the angle; and the controls' rows say 'control'."""
+def test_the_findings_are_stated_as_far_as_their_intervals_and_controls_go():
+    """lambda23's seed interval (a t interval, none from one seed) reads as interference or synergy
+    only when it excludes zero. Cross-role cosines below both within-trajectory controls read as
+    'less aligned'; equal to them, as 'not less aligned', whatever the angle; and the controls' rows
+    say 'control'."""
+    mean, (lo, hi) = leas.seed_interval([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.30
+    assert mean == 2.0 and np.isclose(hi - mean, 4.30 / np.sqrt(3)) and np.isclose(mean - lo, hi - mean)
+    assert leas.seed_interval([0.5]) == (0.5, None)
+    assert leas.conclusion(-1.0, (-1.5, -0.5)).startswith("interference")
+    assert leas.conclusion(1.0, (0.5, 1.5)).startswith("synergy")
+    assert leas.conclusion(0.2, (-0.5, 0.9)).startswith("no conclusion")
+    assert leas.conclusion(0.2, None).startswith("no conclusion")
     def result(cross, reasoning_halves, tool_halves, n=30):
         rows = {"cross_role": [cross] * n, "reasoning_halves": [reasoning_halves] * n, "tool_halves": [tool_halves] * n,
                 "reasoning_across": [0.3] * n, "tool_across": [0.1] * n}
