@@ -2049,11 +2049,13 @@ def compare_modes(cfg):
             rows = [(f"r={rank}", *mode_difference(results[rank], "dart", "joint")) for rank in ranks]
             sections.append("dart - joint against the LoRA rank, points (95% interval):\n" + interval_chart(rows))
     report = "\n\n".join(sections) + "\n"
-    with open(os.path.join(out, "compare.md"), "w") as f:
+    # named by its ranks and modes, so that a comparison of other modes in the same runs folder keeps this one
+    name = os.path.join(out, f"compare-r{'-'.join(map(str, ranks))}-{'-'.join(modes)}")
+    with open(f"{name}.md", "w") as f:
         f.write(report)
-    write_json(os.path.join(out, "compare.json"), {"config": dataclasses.asdict(cfg),
-                                                   "results": {str(rank): r for rank, r in results.items()}})
-    print(f"\n{report}\ntables: {out}/compare.md, {out}/compare.json")
+    write_json(f"{name}.json", {"config": dataclasses.asdict(cfg),
+                                "results": {str(rank): r for rank, r in results.items()}})
+    print(f"\n{report}\ntables: {name}.md, {name}.json")
     return results
 
 

@@ -1121,7 +1121,8 @@ def test_paired_differences_the_sweep_table_and_its_chart():
 
 def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, monkeypatch, capsys):
     """--compare --ranks trains each (rank, mode, seed) once, with alpha/r kept, prints a row per rank
-    and the chart; the same command again trains nothing, and one with another mode trains only it."""
+    and the chart; the same command again trains nothing, and one with another mode trains only it
+    and writes a report of its own beside the first."""
     cfg = cfg_factory(compare=True, ranks="1,2", modes="joint,dart", seeds=1, steps=1, eval_every=1,
                       eval_per_family=1, questions_per_step=1, out=str(tmp_path / "sweep"))
     dart.compare_modes(cfg)
@@ -1136,6 +1137,9 @@ def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, mo
     monkeypatch.undo()
     dart.compare_modes(dataclasses.replace(cfg, ranks="1", modes="joint,dart,joint2r"))
     assert capsys.readouterr().out.count("reusing") == 2
+    reports = sorted(p.name for p in (tmp_path / "sweep").glob("compare-*"))  # the second report kept the first
+    assert reports == ["compare-r1-2-joint-dart.json", "compare-r1-2-joint-dart.md",
+                       "compare-r1-joint-dart-joint2r.json", "compare-r1-joint-dart-joint2r.md"]
 
 
 def test_no_deprecation_warnings_from_the_libraries(make_policy, cfg_factory, tmp_path):
