@@ -1142,6 +1142,17 @@ def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, mo
                        "compare-r1-joint-dart-joint2r.json", "compare-r1-joint-dart-joint2r.md"]
 
 
+def test_bench_times_every_mode_and_the_engine(cfg_factory, capsys):
+    """--bench runs to its end on a small batch and prints a positive time for each mode's update,
+    the update ratios, and the engine's speed against generate()'s."""
+    dart.benchmark(cfg_factory(questions_per_step=2, group_size=2, max_new_tokens=16), repeats=1)
+    printed = capsys.readouterr().out
+    seconds = dict(re.findall(r"^  (joint2r|dart|two_agent) +([\d.]+) s$", printed, re.M))
+    assert set(seconds) == {"joint2r", "dart", "two_agent"} and all(float(s) > 0 for s in seconds.values())
+    ratios = re.findall(r"(?:= |ratio )([\d.]+)", printed)  # dart / joint2r, two_agent / dart, engine / generate
+    assert len(ratios) == 3 and all(float(r) > 0 for r in ratios)
+
+
 def test_no_deprecation_warnings_from_the_libraries(make_policy, cfg_factory, tmp_path):
     """A run (rollouts, update, evaluation) and model.generate warn of nothing deprecated."""
     import warnings
