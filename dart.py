@@ -832,10 +832,10 @@ def call_stats(texts, call_counts, observation_counts, error_counts):
             "called_tool": float(np.mean([n > 0 for n in observation_counts]))}
 
 
-def skill_rates(tasks, texts):
+def skill_rates(tasks, texts, skills):
     """Per skill (a decision where the demonstrator errs), the share of the questions with that
     pitfall on which the response reached the decision and got it right; None where none did."""
-    verdicts = {skill: [] for skill in toy_tasks.SKILL_ROLES}
+    verdicts = {skill: [] for skill in skills}
     for task, text in zip(tasks, texts):
         pitfalls = {skill for skill, _, _ in task.slips}
         for skill, right in toy_tasks.judge(task, text).items():
@@ -860,7 +860,7 @@ def evaluate(policy, registry, tasks, cfg, batch_size=256):
     metrics = {"acc": float(np.mean(correct))}
     for family in sorted({t.family for t in tasks}):
         metrics[f"acc_{family}"] = float(np.mean([c for c, t in zip(correct, tasks) if t.family == family]))
-    metrics.update(skill_rates(tasks, texts))
+    metrics.update(skill_rates(tasks, texts, world_of(cfg).skill_roles))
     stats = call_stats(texts, calls, observations, errors)
     metrics.update({key: stats[key] for key in ("tool_calls", "valid_calls", "answered", "called_tool")})
     metrics["correct"] = correct
@@ -1127,6 +1127,7 @@ def differing_setting(saved, cfg, may_differ):
 def train_or_reuse(run):
     """Train `run` into run.out; reuse it when the folder holds it finished, and resume it when it
     stopped early. A folder holding a run with other settings is refused, not overwritten."""
+    run = resolved(run)
     if os.path.exists(os.path.join(run.out, "metrics.jsonl")):
         saved = saved_config(run.out)
         if changed := differing_setting(saved, run, NOT_THE_RUN):
@@ -1142,10 +1143,12 @@ def train_or_reuse(run):
 
 def runs_folder(cfg):
     """Where the runs of --compare and leas.py live, found and reused by any command with the same
-    settings: runs/<model>-<hash of the settings they share, alpha/r included>/r<rank>/<mode>-s<seed>."""
-    shared = {k: v for k, v in dataclasses.asdict(cfg).items()
+    settings: runs/<model>-<hash>/r<rank>/<mode>-s<seed>, the hash of the settings they share as
+    resolved on this machine (alpha/r included) and of their base's key (the world, the tools'
+    answers in the demonstrations, the warm start)."""
+    shared = {k: v for k, v in dataclasses.asdict(resolved(cfg)).items()
               if k not in NOT_THE_RUN | {"mode", "seed", "lora_rank", "alpha"}}
-    shared["alpha_over_rank"] = cfg.alpha / cfg.lora_rank
+    shared.update(alpha_over_rank=cfg.alpha / cfg.lora_rank, base=base_key(cfg))
     return os.path.join("runs", f"{folder_name(cfg.model)}-{short_hash(shared)}")
 
 
@@ -1207,8 +1210,9 @@ class RunFiles:
 
 def train(cfg, report=True):
     """The whole RL run. Returns the run directory: RunFiles' files, adapters.safetensors and results.md."""
-    # 1. the settings, checked before anything is built; the folder; the base this run trains on
+    # 1. the settings, checked before anything is built and resolved (auto: what it is here); the folder; the base
     check_config(cfg)
+    cfg = resolved(cfg)
     if cfg.questions_per_step % process_count():
         raise DartError(f"--questions_per_step={cfg.questions_per_step} must be a multiple of the number of "
                         f"processes ({process_count()}): each process rolls out whole groups")
@@ -1221,7 +1225,7 @@ def train(cfg, report=True):
     with first_process_first():
         policy = load_policy(cfg)
     reset_peak_memory(policy.device)  # a run's peak memory counts from here, the model loaded
-    world = toy_tasks.make_world()
+    world = world_of(cfg)
     registry = tools.registry(world.kb)
     test = toy_tasks.test_set(world, cfg.eval_per_family)
     optimizer = make_optimizer(policy, cfg)
@@ -1344,7 +1348,7 @@ def imitate_demonstrations(model, tok, params, cfg, lr, device, dtype, desc):
     """The supervised warm start: `params` learn the demonstrator's trajectories (loss on the tokens
     the policy writes). Short on purpose: the base should know the format and leave room for RL."""
     steps, batch_size, _ = warm_start_settings(cfg)
-    world = toy_tasks.make_world()
+    world = world_of(cfg)
     special = special_ids(tok)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     rng = random.Random(cfg.warm_seed)
@@ -1463,7 +1467,7 @@ def build_base(cfg, device):
     --model with the tags added, then the supervised warm start (--warm_steps=0: none), which
     always trains the tags' embedding rows: without them no model can learn to write a tag."""
     if cfg.model == "tiny":
-        tok = build_tokenizer(cfg, toy_tasks.make_world())
+        tok = build_tokenizer(cfg, world_of(cfg))
         torch.manual_seed(cfg.warm_seed)
         model = new_tiny_model(cfg, tok).to(device)
     else:
@@ -1502,7 +1506,7 @@ def base_key(cfg):
     """What the cached base depends on: the model (tiny_* sizes, or the folder's contents), the
     warm start as it will run on this device, the world, the tags and the observations' cut."""
     device = resolve_device(cfg)
-    world = toy_tasks.make_world()
+    world = world_of(cfg)
     key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("tiny_")} \
         if cfg.model == "tiny" else {"model": cfg.model, "fingerprint": folder_fingerprint(cfg.model)}
     key.update(warm_start=warm_start_settings(cfg), warm_seed=cfg.warm_seed, warm_weights=warm_weights(cfg, device),
@@ -1552,6 +1556,21 @@ def autocast_dtypes(cfg, device):
         raise DartError(f"--train_dtype=float32 after bfloat16 sampling (--dtype={cfg.dtype} on {device}) would "
                         f"train on bfloat16-rounded weights; pass --dtype=float32 too")
     return sample, train
+
+
+def world_of(cfg):
+    return toy_tasks.make_world(conflict=cfg.conflict, conflict_sign=cfg.conflict_sign)
+
+
+def resolved(cfg):
+    """cfg with every `auto` replaced by what it means on this machine (the device, the dtypes, what
+    the warm start trains): what a run records and what its reuse compares, so that a GPU run and a
+    CPU run never pass for each other."""
+    device = resolve_device(cfg)
+    names = {None: "float32", torch.bfloat16: "bfloat16"}
+    sample, train = autocast_dtypes(cfg, device)
+    return dataclasses.replace(cfg, device=device, dtype=names[sample], train_dtype=names[train],
+                               warm_weights=warm_weights(cfg, device))
 
 
 def resolve_device(cfg):
@@ -1663,6 +1682,12 @@ class Config:
     max_tool_calls: int = option(4, "tool calls per response", at_least(0))
     max_arg_tokens: int = option(24, "tokens in one tool call's argument", at_least(1))
     max_obs_tokens: int = option(24, "tokens of one observation (the warm start's are cut alike)", at_least(1))
+    # the world: the competition dial (toy_tasks.py's naming family)
+    conflict: float = option(0.0, "share P of training questions where the tool must write the key (size -> .area) "
+                                  "and the answer another form; 0 = the four families alone", between(0, 1))
+    conflict_sign: str = option("opposed", "opposed: the answer repeats the user's word (size), so the roles want "
+                                           "opposite tokens; aligned: it is the key's name (area), the matched control",
+                                one_of("opposed", "aligned"))
     # evaluation and checkpoints
     eval_every: int = option(20, "RL steps between greedy test evaluations", at_least(1))
     eval_per_family: int = option(50, "test questions per task family", at_least(1))
@@ -1801,14 +1826,14 @@ def percent(value):
     return "n/a" if value is None else f"{value:.0%}"  # None: a share of nothing (say, of zero tool calls)
 
 
-def results_table(before, after):
+def results_table(before, after, world):
     """Base (before RL) against trained, on the test split: per family, tool use, per skill."""
     rows = [(family, percent(before[key]), percent(after[key])) for family, key in [
-        (f, f"test_acc_{f}") for f in toy_tasks.FAMILIES] + [("overall", "test_acc")]]
+        (f, f"test_acc_{f}") for f in world.families] + [("overall", "test_acc")]]
     rows.append(("tool calls / question", f"{before['test_tool_calls']:.2f}", f"{after['test_tool_calls']:.2f}"))
     rows.append(("valid tool calls", percent(before["test_valid_calls"]), percent(after["test_valid_calls"])))
     rows += [(f"{skill} right ({role})", percent(before[f"test_skill_{skill}"]), percent(after[f"test_skill_{skill}"]))
-             for skill, role in toy_tasks.SKILL_ROLES.items()]
+             for skill, role in world.skill_roles.items()]
     return markdown_table(("task family", "base", "trained"), rows)
 
 
@@ -1830,7 +1855,7 @@ def render_trajectory(policy, batch, row, colour):
 def write_results(run_dir, history, cfg):
     """results.md: base vs trained on the test split, and the reward curve."""
     evals = [r for r in history if "test_acc" in r]
-    table = results_table(evals[0], evals[-1])
+    table = results_table(evals[0], evals[-1], world_of(cfg))
     curve = sparkline([r["reward"] for r in history if "reward" in r])
     with open(os.path.join(run_dir, "results.md"), "w") as f:
         f.write(f"# {cfg.mode}, {cfg.steps} RL steps, seed {cfg.seed}, model {cfg.model}\n\n{table}\n\n"
@@ -1919,10 +1944,11 @@ def mean_std(values, scale=1.0, digits=0):
 
 def compare_table(summaries):
     """One row per mode (mean±std over seeds), after the warm-started base's."""
-    keys = [f"test_acc_{f}" for f in toy_tasks.FAMILIES] + ["test_acc"]
-    head = ["mode", *toy_tasks.FAMILIES, "overall", "valid calls", "calls/q", "trainable", "peak MB", "s/step",
-            "sampled tok/s", "trained tok/s"]
     before = next(iter(summaries.values()))[0]["before"]
+    families = [key.removeprefix("test_acc_") for key in before if key.startswith("test_acc_")]
+    keys = [f"test_acc_{f}" for f in families] + ["test_acc"]
+    head = ["mode", *families, "overall", "valid calls", "calls/q", "trainable", "peak MB", "s/step",
+            "sampled tok/s", "trained tok/s"]
     rows = [["base (no RL)"] + [f"{100 * before[k]:.0f}" for k in keys] +
             [mean_std([before["test_valid_calls"]], 100), f"{before['test_tool_calls']:.2f}", "0", "", "", "", ""]]
     for mode, runs in summaries.items():
@@ -2063,7 +2089,7 @@ def benchmark(cfg, repeats=5):
     """The cost claims side by side in one process: a GRPO update of dart vs joint2r vs two_agent
     on one batch, the engine vs model.generate, and the frozen base's share of each."""
     # 1. three policies on one base, and one batch of rollouts that every update will train on
-    world = toy_tasks.make_world()
+    world = world_of(cfg)
     registry = tools.registry(world.kb)
     policies = {mode: load_policy(dataclasses.replace(cfg, mode=mode)) for mode in ("joint2r", "dart", "two_agent")}
     policy, device = policies["dart"], policies["dart"].device

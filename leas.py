@@ -192,7 +192,7 @@ def attribution(counts, tasks, lcfg):
                          "median_ci95": dart.bootstrap_interval(values, lcfg.bootstrap, rng, np.median)}
     l23 = lambdas[EFFECTS.index("lambda23")]
     shares = {}
-    for family in ("all",) + toy_tasks.FAMILIES:
+    for family in ("all", *dict.fromkeys(t.family for t in tasks)):
         sel = l23 if family == "all" else l23[families == family]
         if len(sel):  # |lambda23| below 1e-9 is rounding noise: neither interference nor synergy
             shares[family] = (float((sel < -1e-9).mean()), float((sel > 1e-9).mean()), int(len(sel)))
@@ -434,7 +434,7 @@ def parse_command_line(argv):
 
 
 def run_leas(cfg, lcfg, grad_only=False):
-    world = toy_tasks.make_world()
+    world = dart.world_of(cfg)
     registry = tools.registry(world.kb)
     states = train_variants(cfg, lcfg, ("joint",) if grad_only else TRAINED)
     if dart.process_rank() > 0:

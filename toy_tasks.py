@@ -9,6 +9,8 @@ questions come in four families:
     multihop    What is the size of Avalon plus twice      needs two <lookup>s, then
                 the age of Brenmor?                        <calc>52+2*31</calc>
     notool      Which is larger, 341 or 285?               needs no tool
+    naming      Which is larger for Avalon, its size or    needs <lookup>Avalon.area</lookup> and
+                its antiquity?                             <lookup>Avalon.age</lookup>, answers size
 
 Every task carries its gold trajectory in the format the agent writes (tool calls as tagged
 spans, each followed by the environment's <obs>, then <answer>). The warm start does not imitate
@@ -33,6 +35,16 @@ expression to compute) is tool tokens. The demonstrator errs in both roles:
 Each mistake is made at its own decision point at its rate (set below), given that everything
 before it was right, so that rate is what the warm start shows the base there; judge() says which of these
 decisions a trajectory got wrong, for the tests and for measuring what RL changed.
+
+The naming family is the competition dial (make_world's `conflict`, default 0: the world above,
+unchanged): a share P of the training questions where the two roles want opposite things from the
+same tokens. The tool must write the canonical key (size -> .area) while the answer must repeat the
+user's own word (size); the demonstrator slips at both, writing the user's word as the key (an
+error comes back, and it gives up) and answering with the key's name ('wording', a reasoning
+skill). So the tool role's gradient raises "area" and lowers "size" after the question's "size",
+and the answer's does the opposite: with shared parameters they compete; with DART each has its
+own adapter. conflict_sign="aligned" is the matched control: the answer must be the key's name, so
+both roles want the same; the tokens, lengths, rewards and slip rates are the same.
 
 Train and test use disjoint entities and disjoint operand pairs, so test accuracy measures tool
 use, not memory. The phrasings are shared: a model trained from scratch on this world learns a
@@ -78,8 +90,10 @@ KEY_SLIPS = {"size": "population", "headcount": "height",  # paraphrase -> the k
 # apart.
 KEY_SLIP = 0.5
 EXPRESSION_SLIP = 0.5        # on the phrasings whose COMBINATIONS entry has a slipped expression
+WORDING_SLIP = 0.5           # naming: answers in the other form (the key's name, or the user's word)
 GIVE_UP_TEXT = "I do not know. <answer>0</answer>"
 SKILL_ROLES = {"call": "reasoning", "hops": "reasoning", "key": "tool", "expression": "tool"}
+NAMED = ("area", "height", "age")  # what the naming family compares (a population, 100-999, always wins)
 
 
 @dataclass(frozen=True)
@@ -96,9 +110,19 @@ class World:
     kb: dict         # entity -> {attribute: value}
     train_entities: tuple
     test_entities: tuple
+    conflict: float = 0.0             # the dial: the share of training questions from the naming family
+    conflict_sign: str = "opposed"    # opposed: the answer is the user's word; aligned: the key's name
+
+    @property
+    def families(self):
+        return FAMILIES + ("naming",) * (self.conflict > 0)
+
+    @property
+    def skill_roles(self):
+        return SKILL_ROLES | ({"wording": "reasoning"} if self.conflict > 0 else {})
 
 
-def make_world(seed=WORLD_SEED):
+def make_world(seed=WORLD_SEED, conflict=0.0, conflict_sign="opposed"):
     rng = random.Random(seed)
     names = set()
     while len(names) < N_ENTITIES:
@@ -106,7 +130,7 @@ def make_world(seed=WORLD_SEED):
     names = sorted(names)
     rng.shuffle(names)
     kb = {name: {attr: rng.randint(lo, hi) for attr, (lo, hi) in ATTRIBUTES.items()} for name in names}
-    return World(kb, tuple(names[N_TEST_ENTITIES:]), tuple(names[:N_TEST_ENTITIES]))
+    return World(kb, tuple(names[N_TEST_ENTITIES:]), tuple(names[:N_TEST_ENTITIES]), conflict, conflict_sign)
 
 
 def split_of(a, b):
@@ -146,12 +170,13 @@ def _give_up_rate(question):
 # what was actually asked, so a slip's observations are the real ones.
 
 
-def _write(world, lookups, combination=None, numbers=(), keys=None, slip_expression=False, stop_after=None):
+def _write(world, lookups, combination=None, numbers=(), keys=None, slip_expression=False, stop_after=None,
+           answer=None):
     """The trajectory that looks up `lookups` [(entity, key)] (writing `keys` instead, if given),
     then computes `combination` over `numbers` (arithmetic) or the values that came back
-    (multihop), in its gold form or the demonstrator's slipped form, and answers. A lookup that
-    returns an error ends it with the give-up text; stop_after=1 answers the first value as soon
-    as it is back."""
+    (multihop), in its gold form or the demonstrator's slipped form, and answers (with `answer`,
+    if given: the naming family answers a word). A lookup that returns an error ends it with the
+    give-up text; stop_after=1 answers the first value as soon as it is back."""
     keys = keys or [key for _, key in lookups]
     text = {0: "Compute it. ", 1: "Look it up. "}.get(len(lookups), "Look up both. ")
     values = []
@@ -164,7 +189,7 @@ def _write(world, lookups, combination=None, numbers=(), keys=None, slip_express
         if stop_after == len(values):
             return text + f"<answer>{value}</answer>"
     if combination is None:
-        return text + f"<answer>{values[0]}</answer>"
+        return text + f"<answer>{values[0] if answer is None else answer}</answer>"
     _, gold, slipped = COMBINATIONS[combination]
     x, y = numbers or values
     expression = (slipped if slip_expression else gold).format(x=x, y=y)
@@ -173,10 +198,20 @@ def _write(world, lookups, combination=None, numbers=(), keys=None, slip_express
     return text + f"<calc>{expression}</calc><obs>{result}</obs><answer>{result}</answer>"
 
 
-def _task(world, question, family, lookups, nouns=(), combination=None, numbers=()):
+def _task(world, question, family, lookups, nouns=(), combination=None, numbers=(), answers=None):
     """A Task: its gold trajectory, and the demonstrator's slips in the order of their decision
     points: giving up; per lookup its key, and before the second lookup, stopping early; the
-    expression."""
+    expression. The naming family's `answers` (gold, slipped) replace the last two: its key slip is
+    the user's word, and its wording slip the answer's other form."""
+    if answers is not None:
+        plan = dict(lookups=lookups, answer=answers[0])
+        slips = [("call", _give_up_rate(question), GIVE_UP_TEXT)]
+        for i, noun in enumerate(nouns):
+            keys = [key for _, key in lookups]
+            keys[i] = noun
+            slips.append(("key", KEY_SLIP, _write(world, **plan, keys=keys)))
+        slips.append(("wording", WORDING_SLIP, _write(world, lookups, answer=answers[1])))
+        return Task(question, answers[0], family, _write(world, **plan), tuple(slips))
     plan = dict(lookups=lookups, combination=combination, numbers=numbers)
     gold = _write(world, **plan)
     slips = [("call", _give_up_rate(question), GIVE_UP_TEXT)]
@@ -228,11 +263,29 @@ def _notool(rng, world, split):
     return Task(f"Which is larger, {a} or {b}?", result, "notool", f"No tool needed. <answer>{result}</answer>")
 
 
-_MAKERS = {"arithmetic": _arithmetic, "lookup": _lookup, "multihop": _multihop, "notool": _notool}
+def _naming(rng, world, split):
+    while True:  # two different values, so that one is larger
+        (entity,) = _entities(rng, world, split, 1)
+        compared = rng.sample(NAMED, 2)
+        values = [world.kb[entity][attribute] for attribute in compared]
+        if values[0] != values[1]:
+            break
+    words = [NOUNS[attribute][1] for attribute in compared]  # always the user's word, never the key
+    larger = values.index(max(values))
+    forms = (words[larger], compared[larger])  # (the user's word, the key's name)
+    answers = forms if world.conflict_sign == "opposed" else forms[::-1]
+    return _task(world, f"Which is larger for {entity}, its {words[0]} or its {words[1]}?", "naming",
+                 [(entity, attribute) for attribute in compared], words, answers=answers)
+
+
+_MAKERS = {"arithmetic": _arithmetic, "lookup": _lookup, "multihop": _multihop, "notool": _notool, "naming": _naming}
 
 
 def sample_task(rng, world, split, family=None):
-    """One task from `split` ('train' or 'test'); the family is uniform unless given."""
+    """One task from `split` ('train' or 'test'); the family is uniform unless given, after a draw
+    of the naming family at the world's `conflict` rate (no draw at all when it is 0)."""
+    if family is None and world.conflict > 0 and rng.random() < world.conflict:
+        family = "naming"
     return _MAKERS[family or rng.choice(FAMILIES)](rng, world, split)
 
 
@@ -249,7 +302,7 @@ def demonstration(rng, task):
 def test_set(world, per_family=50, seed=0):
     """The fixed evaluation questions: `per_family` of each family, test entities and operands only."""
     rng = random.Random(seed)
-    return [sample_task(rng, world, "test", family) for family in FAMILIES for _ in range(per_family)]
+    return [sample_task(rng, world, "test", family) for family in world.families for _ in range(per_family)]
 
 
 def tokenizer_corpus(world, n=2000, seed=0):
@@ -281,7 +334,8 @@ def judge(task, completion):
     with gold calls still to make, or calling another tool than the next gold one, is a wrong
     'hops'. What is written inside a call of the right tool is the tool role's: a differing lookup
     (a wrong key, or a misspelt entity) is a wrong 'key', a differing calculation a wrong
-    'expression'."""
+    'expression'. A naming answer that names a compared attribute is a right 'wording' when its
+    form (key or user's word) is the gold answer's, whichever attribute it names."""
     gold, made = tool_calls(task.trajectory), tool_calls(completion)
     verdict = {}
     for i, (tool, argument) in enumerate(gold):
@@ -295,6 +349,11 @@ def judge(task, completion):
         verdict[contents] = verdict.get(contents, True) and right
         if not right:
             break
+    if task.family == "naming":
+        keys = [argument.split(".")[1] for _, argument in gold]
+        answer = parse_answer(completion)
+        if answer in keys + [NOUNS[key][1] for key in keys]:
+            verdict["wording"] = (answer in keys) == (task.answer in keys)
     return verdict
 
 
