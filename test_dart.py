@@ -35,6 +35,7 @@ import tools
 torch.set_num_threads(2)
 HERE = pathlib.Path(__file__).resolve().parent
 WORLD = toy_tasks.make_world()
+DIALS = {sign: toy_tasks.make_world(conflict=0.5, conflict_sign=sign) for sign in ("opposed", "aligned")}
 REGISTRY = tools.registry(WORLD.kb)
 R, T = dart.REASONING, dart.TOOL
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -74,9 +75,9 @@ def make_policy(cfg_factory):
     return make
 
 
-def sample_tasks(n, split="train", seed=0, family=None):
+def sample_tasks(n, split="train", seed=0, family=None, world=WORLD):
     rng = random.Random(seed)
-    return [toy_tasks.sample_task(rng, WORLD, split, family) for _ in range(n)]
+    return [toy_tasks.sample_task(rng, world, split, family) for _ in range(n)]
 
 
 def prompts_for(policy, n, seed=0, group=1):
@@ -250,33 +251,34 @@ def test_splits_hold_out_entities_and_operands_but_share_phrasings():
     assert {phrasing(t.question) for t in sample_tasks(2000, split="test", seed=8)} <= train
 
 
-def test_gold_trajectories_solve_their_tasks_and_every_slip_errs_in_its_own_skill_and_role():
+@pytest.mark.parametrize("world", [WORLD, DIALS["opposed"]], ids=["default", "dial"])
+def test_gold_trajectories_solve_their_tasks_and_every_slip_errs_in_its_own_skill_and_role(world):
     """A gold trajectory replays through the real tools, earns reward 1 and judge() finds every
     decision right. A demonstrator's slip replays too, earns nothing, judge() marks exactly its own
     skill wrong, and it leaves the gold trajectory inside a tool call for the tool skills and
     outside every call for the reasoning skills. skill_rates() judges only the decisions reached:
     every skill right for gold responses, 'call' wrong and nothing else reached for responses that
     give up, only their own skill wrong for the demonstrator's tool slips."""
-    for family in toy_tasks.FAMILIES:
-        for task in sample_tasks(200, family=family, seed=1):
+    for family in world.families:
+        for task in sample_tasks(200, family=family, seed=1, world=world):
             assert toy_tasks.reward(task.trajectory, task) == 1.0 and replays(task.trajectory)
             assert all(toy_tasks.judge(task, task.trajectory).values())
-    seen = set()
-    for task in sample_tasks(2000, seed=2):
+    seen, roles = set(), world.skill_roles
+    for task in sample_tasks(2000, seed=2, world=world):
         for skill, rate, trajectory in task.slips:
             seen.add(skill)
             assert 0 < rate < 1 and replays(trajectory) and toy_tasks.reward(trajectory, task) == 0.0
             verdict = toy_tasks.judge(task, trajectory)
             assert verdict[skill] is False and all(v for s, v in verdict.items() if s != skill), (trajectory, verdict)
             where = next(i for i, (a, b) in enumerate(zip(task.trajectory, trajectory)) if a != b)
-            assert ("tool" if inside_tool_call(task.trajectory, where) else "reasoning") == toy_tasks.SKILL_ROLES[skill]
-    assert seen == set(toy_tasks.SKILL_ROLES)
-    tasks = [t for t in sample_tasks(200, split="test", seed=9) if t.slips]
-    assert dart.skill_rates(tasks, [t.trajectory for t in tasks]) == {f"skill_{s}": 1.0 for s in toy_tasks.SKILL_ROLES}
-    gave_up = dart.skill_rates(tasks, [toy_tasks.GIVE_UP_TEXT] * len(tasks))
-    assert gave_up == {"skill_call": 0.0, "skill_hops": None, "skill_key": None, "skill_expression": None}
+            assert ("tool" if inside_tool_call(task.trajectory, where) else "reasoning") == roles[skill]
+    assert seen == set(roles)
+    tasks = [t for t in sample_tasks(200, split="test", seed=9, world=world) if t.slips]
+    assert dart.skill_rates(tasks, [t.trajectory for t in tasks], roles) == {f"skill_{s}": 1.0 for s in roles}
+    gave_up = dart.skill_rates(tasks, [toy_tasks.GIVE_UP_TEXT] * len(tasks), roles)
+    assert gave_up == {f"skill_{s}": 0.0 if s == "call" else None for s in roles}
     for skill in ("key", "expression"):
-        rates = dart.skill_rates(*zip(*[(t, text) for t in tasks for s, _, text in t.slips if s == skill]))
+        rates = dart.skill_rates(*zip(*[(t, text) for t in tasks for s, _, text in t.slips if s == skill]), roles)
         assert rates[f"skill_{skill}"] == 0.0 and rates["skill_call"] == 1.0
 
 
@@ -308,6 +310,30 @@ def test_the_demonstrator_errs_at_the_intended_rates_and_leaves_both_roles_somet
     assert all(np.mean(success[f]) < 0.8 for f in ("arithmetic", "lookup", "multihop"))
     assert np.mean(success["notool"]) == 1.0
     assert all(exercised[role] / len(tasks) > 0.25 for role in ("reasoning", "tool")), exercised
+
+
+def test_the_dial_is_off_at_zero_and_its_two_signs_differ_only_in_the_answers_form():
+    """P = 0 draws nothing: the four families alone, the same questions. P > 0 draws the naming family
+    at rate P and adds it to the test set after the same four families' questions. Opposed and aligned
+    ask the same questions with the same calls, slips and rates: each one's gold answer is the other's
+    wording slip (the user's word against the key's name), and the key slip writes the user's word."""
+    off = toy_tasks.make_world(conflict=0.0, conflict_sign="aligned")
+    assert off.families == toy_tasks.FAMILIES and sample_tasks(300, world=off) == sample_tasks(300)
+    opposed, aligned = (sample_tasks(4000, seed=5, world=DIALS[sign]) for sign in ("opposed", "aligned"))
+    assert abs(np.mean([t.family == "naming" for t in opposed]) - 0.5) < 0.03
+    assert toy_tasks.test_set(DIALS["opposed"], 4)[:16] == toy_tasks.test_set(WORLD, 4)
+    for o, a in zip(opposed, aligned):
+        assert o.question == a.question
+        if o.family != "naming":
+            assert o == a
+            continue
+        (_, _, wording_o), (_, _, wording_a) = o.slips[-1], a.slips[-1]
+        assert [s[:2] for s in o.slips] == [s[:2] for s in a.slips] and o.slips[:-1] == a.slips[:-1]
+        assert (o.trajectory, wording_o) == (wording_a, a.trajectory)
+        keys = [argument.split(".")[1] for _, argument in toy_tasks.tool_calls(o.trajectory)]
+        words = [toy_tasks.NOUNS[key][1] for key in keys]
+        assert o.answer in words and a.answer in keys and all(f" {w}" in o.question for w in words)
+        assert {toy_tasks.tool_calls(t)[i][1].split(".")[1] for i, (s, _, t) in enumerate(o.slips[1:3])} == set(words)
 
 
 SIZE_OF_AVALON = toy_tasks.Task("What is the size of Avalon?", "12", "lookup",
