@@ -207,7 +207,7 @@ def routed_forward(forward, routing, roles):
     for agent in (REASONING, TOOL):
         routing.route(torch.full_like(roles, agent))
         logits.append(forward(agent).float())
-    kept_roles = roles[:, -logits[0].shape[1]:]
+    kept_roles = roles[:, -logits[0].shape[1]:]  # the positions whose logits were kept (logits_to_keep)
     return torch.where(kept_roles[..., None] == TOOL, logits[1], logits[0])
 
 
@@ -317,11 +317,6 @@ def token_loss(logp, old_logp, ref_logp, advantages, clip_eps, kl_beta):
 # left-padded, with an explicit attention mask and position ids, the same as in training.
 
 
-def tags():
-    """The format's tags for the tools of the registry (tools.TOOLS)."""
-    return format_tags(tools.TOOLS)
-
-
 def instructions():
     """A --model's system prompt. It holds whole tool spans, so the positions inside them are
     routed to the tool adapter, the same way in rollout and training; a prompt must never hold
@@ -335,8 +330,8 @@ def instructions():
 class Special:
     """Token ids the engine needs, read off a tokenizer once."""
     spans: SpanTags   # what the role rule reads
-    opens: dict       # id of <calc> -> "calc", ...
-    closes: dict      # id of </calc> -> "calc", ...
+    tool_opened: dict  # id of <calc> -> "calc", ...
+    tool_closed: dict  # id of </calc> -> "calc", ...
     obs: int
     obs_end: int
     answer_end: int
@@ -345,10 +340,11 @@ class Special:
 
 
 def special_ids(tok, device="cpu"):
-    ids = {tag: tok.convert_tokens_to_ids(tag) for tag in tags()}
+    ids = {tag: tok.convert_tokens_to_ids(tag) for tag in format_tags(tools.TOOLS)}
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return Special(spans=SpanTags.from_vocab(ids.get, tools.TOOLS, device),
-                   opens={ids[f"<{n}>"]: n for n in tools.TOOLS}, closes={ids[f"</{n}>"]: n for n in tools.TOOLS},
+                   tool_opened={ids[f"<{n}>"]: n for n in tools.TOOLS},
+                   tool_closed={ids[f"</{n}>"]: n for n in tools.TOOLS},
                    obs=ids[OBS], obs_end=ids[OBS_END], answer_end=ids[ANSWER_END], eos=tok.eos_token_id, pad=pad)
 
 
@@ -424,7 +420,7 @@ def prompt_ids(tok, question):
 def observation_ids(tok, special, text, max_tokens):
     """Tokens the environment inserts: <obs> text </obs>, tokenized once, tags in the text removed
     (they would change roles), the text cut to max_tokens."""
-    for tag in tags():
+    for tag in format_tags(tools.TOOLS):
         text = text.replace(tag, "")
     return [special.obs] + tok.encode(text, add_special_tokens=False)[:max_tokens] + [special.obs_end]
 
@@ -490,15 +486,15 @@ def env_step(state, token, policy, registry, cfg):
     stray closing tag, unknown tool, too long, over the call limit) become error observations."""
     special = policy.special
     result = None
-    if token in special.opens:
+    if token in special.tool_opened:
         if state.tool is not None:
             result = "error: calls cannot nest"
         elif state.calls >= cfg.max_tool_calls:
             result = f"error: at most {cfg.max_tool_calls} tool calls"
         else:
-            state.tool, state.argument = special.opens[token], []
-    elif token in special.closes:
-        if state.tool != special.closes[token]:
+            state.tool, state.argument = special.tool_opened[token], []
+    elif token in special.tool_closed:
+        if state.tool != special.tool_closed[token]:
             result = "error: no open call"
         else:
             state.calls += 1
@@ -538,21 +534,21 @@ def pad_sequences(sequences, value, side, device):
     return ids.to(device), mask.to(device)  # built on the host, one copy each to the device
 
 
-def share_prompts(prompts):
-    """The G rollouts of a question share its prompt, which is read once: the first row of each
-    distinct prompt, and for every row the index of its distinct prompt."""
+def share_prompts(keys):
+    """The G rollouts of a question share its prompt, which is read once. keys: one hashable per
+    row, equal for rows with the same prompt. Returns the first row of each distinct key, and for
+    every row the index of its key among them."""
     first = {}
-    for row, prompt in enumerate(map(tuple, prompts)):
-        first.setdefault(prompt, row)
-    index = {prompt: i for i, prompt in enumerate(first)}
-    return list(first.values()), [index[tuple(prompt)] for prompt in prompts]
+    for row, key in enumerate(keys):
+        first.setdefault(key, row)
+    index = {key: i for i, key in enumerate(first)}
+    return list(first.values()), [index[key] for key in keys]
 
 
-def read_prompts(policy, prompts, ids, attention_mask, position, roles, caches):
+def read_prompts(policy, keys, ids, attention_mask, position, roles, caches):
     """Every row's logits after its prompt, with each distinct prompt read once (the G rows of a
-    question share it) and its KV cache then copied to each of its rows. `prompts`: a key per row
-    (a list) that is equal for rows with the same prompt."""
-    first_rows, of_row = (torch.tensor(index, device=ids.device) for index in share_prompts(prompts))
+    question share it; `keys` as share_prompts) and its KV cache then copied to each of its rows."""
+    first_rows, of_row = (torch.tensor(index, device=ids.device) for index in share_prompts(keys))
     logits = policy.logits(ids[first_rows], attention_mask[first_rows], position[first_rows], roles[first_rows],
                            caches, logits_to_keep=1)[:, -1]
     for cache in caches:
@@ -561,20 +557,21 @@ def read_prompts(policy, prompts, ids, attention_mask, position, roles, caches):
 
 
 def environment_turn(states, live, sampled, policy, registry, cfg):
-    """One step of every live row, on the host: the next forced token if any are queued (no loss),
-    else the sampled one, which the environment reads. Returns each row's token, whether the policy
-    wrote it, and whether the row goes on (it stops after eos or </answer>)."""
+    """One step of every live row (a row is live while it is still writing), on the host: the next
+    forced token if any are queued (no loss), else the sampled one, which the environment reads.
+    Returns each row's token, whether the policy wrote it, and whether the row is still live after
+    it (it stops after eos or </answer>)."""
     special = policy.special
-    tokens, by_policy, active = [special.pad] * len(states), [False] * len(states), [False] * len(states)
+    tokens, by_policy, live_after = [special.pad] * len(states), [False] * len(states), [False] * len(states)
     for i, token in zip(live, sampled):
         state = states[i]
         if state.queue:
-            tokens[i], active[i] = state.queue.popleft(), True
+            tokens[i], live_after[i] = state.queue.popleft(), True
             continue
         tokens[i], by_policy[i] = token, True
         env_step(state, token, policy, registry, cfg)
-        active[i] = token not in (special.eos, special.answer_end)
-    return tokens, by_policy, active
+        live_after[i] = token not in (special.eos, special.answer_end)
+    return tokens, by_policy, live_after
 
 
 @torch.no_grad()
@@ -588,35 +585,35 @@ def rollout(policy, registry, prompts, cfg, temperature, generator=None):
     ids, attention = pad_sequences(prompts, special.pad, "left", device)
     roles, position = token_roles(ids, special.spans), position_ids(attention)
     caches = new_caches(policy)
-    logits = read_prompts(policy, prompts, ids, attention, position, roles, caches)
+    logits = read_prompts(policy, list(map(tuple, prompts)), ids, attention, position, roles, caches)
     role, position = roles[:, -1], position[:, -1]
     # 2. decode: every live row advances one token per step
     states = [EnvState() for _ in range(batch_size)]
-    live = list(range(batch_size))  # rows still writing, in the order of the caches' rows
-    live_on_device = torch.arange(batch_size, device=device)
+    live = list(range(batch_size))  # the live rows, in the order of the caches' rows
+    live_rows = torch.arange(batch_size, device=device)  # the same, on the device
     steps = []  # per step: (token, written by the policy, row was live, sampling log-prob, role)
     for _ in range(cfg.max_new_tokens):
         sampled, logp = sample(logits, temperature, generator)
-        tokens, by_policy, active = environment_turn(states, live, sampled.tolist(), policy, registry, cfg)
+        tokens, by_policy, live_after = environment_turn(states, live, sampled.tolist(), policy, registry, cfg)
         token, by_policy = torch.tensor([tokens, by_policy], device=device)
         by_policy = by_policy.bool()
-        was_live = torch.zeros(batch_size, dtype=torch.long, device=device).index_fill(0, live_on_device, 1)
-        logp = torch.zeros(batch_size, device=device).index_copy(0, live_on_device, logp)
+        live_mask = torch.zeros(batch_size, dtype=torch.long, device=device).index_fill(0, live_rows, 1)
+        logp = torch.zeros(batch_size, device=device).index_copy(0, live_rows, logp)
         role = next_role(role, token, special.spans)
-        position = position + was_live
-        attention = torch.cat([attention, was_live[:, None]], 1)
-        steps.append((token, by_policy, was_live, torch.where(by_policy, logp, 0.0), role))
+        position = position + live_mask
+        attention = torch.cat([attention, live_mask[:, None]], 1)
+        steps.append((token, by_policy, live_mask, torch.where(by_policy, logp, 0.0), role))
         # 3. finished rows leave the decode batch and the caches: the next forwards skip them
-        still = [j for j, i in enumerate(live) if active[i]]
-        if not still:
+        kept = [j for j, i in enumerate(live) if live_after[i]]  # cache rows that stay live
+        if not kept:
             break
-        if len(still) < len(live):
+        if len(kept) < len(live):
             for cache in caches:
-                cache.reorder_cache(torch.tensor(still, device=device))
-            live = [live[j] for j in still]
-            live_on_device = torch.tensor(live, device=device)
-        logits = policy.logits(token[live_on_device, None], attention[live_on_device],
-                               position[live_on_device, None], role[live_on_device, None], caches, 1)[:, -1]
+                cache.reorder_cache(torch.tensor(kept, device=device))
+            live = [live[j] for j in kept]
+            live_rows = torch.tensor(live, device=device)
+        logits = policy.logits(token[live_rows, None], attention[live_rows], position[live_rows, None],
+                               role[live_rows, None], caches, 1)[:, -1]
     # 4. the batch as training reads it, and the responses as text
     response, by_policy, response_attention, logprobs, new_roles = (torch.stack(column, 1) for column in zip(*steps))
     texts = [policy.tok.decode([t for t, on in zip(row, mask) if on])
@@ -638,20 +635,27 @@ def rollout(policy, registry, prompts, cfg, temperature, generator=None):
 # (section 9) each process holds a share of the batch; in one process those helpers do nothing.
 
 
-def response_logprobs(policy, ids, attention_mask, prompt_len, temperature, with_entropy=True, prompt_keys=None):
-    """Log-probs of the response tokens and (with_entropy) the policy's entropy at each position,
-    from a training forward that reads the batch as the rollout did: each distinct prompt once
-    (prompt_keys: which rows share one, else read off the ids), then every row's response on a
-    copy of its prompt's KV cache, through which the gradient flows back into the shared prompt."""
+def response_logits(policy, ids, attention_mask, prompt_len, prompt_keys=None):
+    """(B, N, V): the logits that predict each response token, as policy.logits(ids, ...)[:, prompt_len - 1:-1]
+    with every position routed by its role, computed the way the rollout computed them (a speed-up,
+    and the reason training log-probs equal sampling log-probs): each distinct prompt read once
+    (prompt_keys as share_prompts; by default read off the ids), then every row's response on a copy
+    of its prompt's KV cache, through which the gradient flows back into the shared prompt."""
     roles, position = token_roles(ids, policy.special.spans), position_ids(attention_mask)
     prompt = (slice(None), slice(None, prompt_len))
     if prompt_keys is None:
-        prompt_keys = torch.cat([ids[prompt], attention_mask[prompt]], 1).tolist()
+        prompt_keys = list(map(tuple, torch.cat([ids[prompt], attention_mask[prompt]], 1).tolist()))
     caches = new_caches(policy)
     last = read_prompts(policy, prompt_keys, ids[prompt], attention_mask[prompt], position[prompt], roles[prompt],
                         caches)
     rest = policy.logits(ids[:, prompt_len:], attention_mask, position[:, prompt_len:], roles[:, prompt_len:], caches)
-    logits = torch.cat([last[:, None], rest[:, :-1]], 1)  # position t's logits predict token t + 1
+    return torch.cat([last[:, None], rest[:, :-1]], 1)  # position t's logits predict token t + 1
+
+
+def response_logprobs(policy, ids, attention_mask, prompt_len, temperature, with_entropy=True, prompt_keys=None):
+    """Log-probs (at the sampling temperature) of the response tokens and (with_entropy) the
+    policy's entropy at each response position."""
+    logits = response_logits(policy, ids, attention_mask, prompt_len, prompt_keys)
     logp_all = torch.log_softmax(logits / temperature, -1)
     entropy = None
     if with_entropy:
@@ -672,7 +676,7 @@ def micro_batches(batch, size):
     ordered by their question group's longest response, so that a group stays together and reads
     its prompt once. Planned on the host before the update, whose loop then never waits on the device."""
     lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1).tolist()
-    _, of_row = share_prompts(batch.ids[:, :batch.prompt_len].tolist())
+    _, of_row = share_prompts(list(map(tuple, batch.ids[:, :batch.prompt_len].tolist())))
     group_length = {}
     for row, group in enumerate(of_row):
         group_length[group] = max(group_length.get(group, 0), lengths[row])
@@ -686,7 +690,7 @@ def micro_batch_logprobs(policy, batch, part, temperature, with_entropy=True):
     and padded back to the batch's width with zeros (those slots carry no loss)."""
     end = batch.prompt_len + part.length
     logp, entropy = response_logprobs(policy, batch.ids[part.index, :end], batch.attention_mask[part.index, :end],
-                                      batch.prompt_len, temperature, with_entropy, [[key] for key in part.prompts])
+                                      batch.prompt_len, temperature, with_entropy, part.prompts)
     pad = (0, batch.written_by_policy.shape[1] - part.length)
     return F.pad(logp, pad), entropy if entropy is None else F.pad(entropy, pad)
 
@@ -877,8 +881,8 @@ def timed(device, work):
     return result, time.perf_counter() - started
 
 
-SEED_STRIDE = 1_000_003  # a prime above any step count: (seed, step) pairs never share a seed
-RANK_STRIDE = 7919       # a prime apart from it: each process's sampling seed differs from every other's
+SEED_STRIDE = 1_000_003  # above any step count: (seed, step) pairs never share a seed
+RANK_STRIDE = 7919       # below it: each process's sampling seed differs from every other's
 
 
 def step_seed(seed, step):
@@ -948,8 +952,9 @@ def rl_step(policy, optimizer, registry, world, cfg, step):
     metrics, update_seconds = timed(policy.device, lambda: grpo_update(policy, optimizer, batch, advantages, cfg))
     # 4. what the step's rollouts did, over every process's
     lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1).tolist()
-    rewards, calls, errors, observations, lengths, texts = (list(column) for column in zip(*gather_lists(list(zip(
-        rewards, batch.call_counts, batch.error_counts, batch.observation_counts, lengths, batch.texts)))))
+    rows = gather_lists(list(zip(rewards, batch.call_counts, batch.error_counts, batch.observation_counts, lengths,
+                                 batch.texts)))  # every process's rows, in order (in one process: these)
+    rewards, calls, errors, observations, lengths, texts = map(list, zip(*rows))
     stats = call_stats(texts, calls, observations, errors)
     rewards = torch.tensor(rewards).view(-1, cfg.group_size)
     metrics.update(reward=rewards.mean().item(), accuracy=(rewards == 1).float().mean().item(),
@@ -1276,7 +1281,7 @@ def build_tokenizer(cfg, world):
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.tiny_vocab, special_tokens=["<pad>", "<bos>", "<eos>"] + tags(),
+    trainer = trainers.BpeTrainer(vocab_size=cfg.tiny_vocab, special_tokens=["<pad>", "<bos>", "<eos>"] + format_tags(tools.TOOLS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(toy_tasks.tokenizer_corpus(world), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
@@ -1319,7 +1324,7 @@ def add_tag_tokens(model, tok):
     """Make every tag one token: a missing tag is added, its input and output embeddings the mean
     of its text's pieces. The matrix grows only when the tokenizer outgrows it (many models keep
     spare rows: Qwen2.5 has 151,936 for 151,665 tokens)."""
-    missing = [tag for tag in tags() if tag not in tok.get_vocab()]
+    missing = [tag for tag in format_tags(tools.TOOLS) if tag not in tok.get_vocab()]
     if not missing:
         return
     pieces = {tag: tok.encode(tag, add_special_tokens=False) for tag in missing}
@@ -1447,7 +1452,7 @@ def lora_warm_start(model, tok, cfg, device, dtype):
     student = copy.deepcopy(model).to(device, dtype or torch.float32)
     routing = attach_dart(student, WARM_LORA_RANK, WARM_LORA_ALPHA, targets, mode="joint", seed=cfg.warm_seed)
     routing.route(torch.tensor(REASONING, device=device))  # joint: one block, the same gate for every token
-    tag_ids = tok.convert_tokens_to_ids(tags())
+    tag_ids = tok.convert_tokens_to_ids(format_tags(tools.TOOLS))
     rows_in, rows_out = trainable_tag_rows(student, tag_ids)
     rows = [rows_in] if rows_out is rows_in else [rows_in, rows_out]
     imitate_demonstrations(student.train(), tok, trainable(student) + rows, cfg,
@@ -1511,7 +1516,7 @@ def base_key(cfg):
         if cfg.model == "tiny" else {"model": cfg.model, "fingerprint": folder_fingerprint(cfg.model)}
     key.update(warm_start=warm_start_settings(cfg), warm_seed=cfg.warm_seed, warm_weights=warm_weights(cfg, device),
                warm_dtype=str(warm_dtype(cfg, device)), world=short_hash(world.kb),
-               tasks=short_hash(toy_tasks.tokenizer_corpus(world)), tags=tags(), max_obs_tokens=cfg.max_obs_tokens)
+               tasks=short_hash(toy_tasks.tokenizer_corpus(world)), tags=format_tags(tools.TOOLS), max_obs_tokens=cfg.max_obs_tokens)
     return key
 
 

@@ -675,7 +675,7 @@ def test_a_tool_is_one_entry_of_the_registry(scripted, make_policy, monkeypatch)
     tok.add_tokens(["<shout>", "</shout>"], special_tokens=True)
     monkeypatch.setitem(tools.TOOLS, "shout", tools.Tool("<shout>text</shout> writes it in capitals",
                                                          lambda kb: str.upper))
-    assert dart.tags()[4:6] == ["<shout>", "</shout>"]
+    assert dart.format_tags(tools.TOOLS)[4:6] == ["<shout>", "</shout>"]
     assert "<shout>text</shout> writes it in capitals" in dart.instructions()
     out, policy = scripted(["Shout it. <shout>kalo</shout><answer>1</answer>"], registry=tools.registry(WORLD.kb),
                            tok=tok)
@@ -1296,9 +1296,9 @@ def test_lora_warm_start_leaves_a_plain_model_that_computes_what_its_trained_cop
     assert not any(isinstance(m, dart.DartLinear) for m in model.modules())
     assert all(p.dtype == torch.float32 for p in model.parameters())
     vocab_rows = model.get_input_embeddings().weight.shape[0]
-    assert (len(dart.tags()), 32) in trained["shapes"] and not any(vocab_rows in shape for shape in trained["shapes"])
+    assert (len(dart.format_tags(tools.TOOLS)), 32) in trained["shapes"] and not any(vocab_rows in shape for shape in trained["shapes"])
     torch.testing.assert_close(model(input_ids=ids).logits, trained["logits"], rtol=1e-4, atol=1e-4)
-    tag_ids = tok.convert_tokens_to_ids(dart.tags())
+    tag_ids = tok.convert_tokens_to_ids(dart.format_tags(tools.TOOLS))
     others = [i for i in range(len(tok)) if i not in tag_ids]
     for name, p in model.named_parameters():
         if "embed" in name or "lm_head" in name:
@@ -1333,7 +1333,7 @@ def test_tags_take_spare_embedding_rows_before_the_matrix_grows(small_hf_folder)
         tok = AutoTokenizer.from_pretrained(small_hf_folder)
         model = AutoModelForCausalLM.from_pretrained(small_hf_folder)
         model.resize_token_embeddings(len(tok) + spare)
-        pieces = {tag: tok.encode(tag, add_special_tokens=False) for tag in dart.tags()}
+        pieces = {tag: tok.encode(tag, add_special_tokens=False) for tag in dart.format_tags(tools.TOOLS)}
         rows = model.get_input_embeddings().weight.detach().clone()
         dart.add_tag_tokens(model, tok)
         assert model.get_input_embeddings().weight.shape[0] == (len(tok) + spare - len(pieces) if spare else len(tok))
@@ -1769,7 +1769,7 @@ def test_the_layer_block_pastes_alone_and_the_readme_snippet_routes_like_the_eng
     exec(block, pasted)
     exec(code, pasted)
     model, tok, routing = (pasted[k] for k in ("model", "tok", "routing"))
-    assert all(len(tok.encode(tag, add_special_tokens=False)) == 1 for tag in dart.tags())
+    assert all(len(tok.encode(tag, add_special_tokens=False)) == 1 for tag in dart.format_tags(tools.TOOLS))
     # its training step reached both adapters: the trajectory it trains on has both roles
     moved = [block_view(SimpleNamespace(model=model, routing=routing), b) for b in (R, T)]
     assert all(any(v.abs().sum() > 0 for k, v in m.items() if k.endswith("lora_B")) for m in moved)
