@@ -1101,7 +1101,8 @@ def test_paired_differences_the_sweep_table_and_its_chart():
         row[rng.choice(200, 20, replace=False)] = 1  # 10 points better on every seed: detected
     mean, (lo, hi) = dart.paired_difference(a, b)
     assert mean == 10 and 0 < lo < 10 < hi
-    runs = lambda rows: [{"final": {"test_acc": float(np.mean(r)), "test_correct": list(r)}} for r in rows]
+    runs = lambda rows: [{"final": (e := {"test_acc": float(np.mean(r)), "test_correct": list(r)}), "evals": [e]}
+                         for r in rows]
     line = lambda: dart.difference_line({"dart": runs(a), "joint": runs(b)}, "dart", "joint")
     assert line().endswith("dart is better at this budget")
     a[2], b[2, rng.choice(200, 40, replace=False)] = 0, 1  # a third seed 20 points worse: no finding
@@ -1120,15 +1121,17 @@ def test_paired_differences_the_sweep_table_and_its_chart():
 
 
 def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, monkeypatch, capsys):
-    """--compare --ranks trains each (rank, mode, seed) once, with alpha/r kept, prints a row per rank
-    and the chart; the same command again trains nothing, and one with another mode trains only it
-    and writes a report of its own beside the first."""
+    """--compare --ranks trains each (rank, mode, seed) once, with alpha/r kept, prints a row per rank,
+    the chart and the learning curves (at step 0 the same model: 0); the same command again trains
+    nothing, and one with another mode trains only it and writes a report of its own beside the first."""
     cfg = cfg_factory(compare=True, ranks="1,2", modes="joint,dart", seeds=1, steps=1, eval_every=1,
                       eval_per_family=1, questions_per_step=1, out=str(tmp_path / "sweep"))
     dart.compare_modes(cfg)
     printed = capsys.readouterr().out
     assert re.search(r"\| LoRA rank r \| +joint \| +dart \| +dart - joint \|", printed)
     assert "dart - joint against the LoRA rank" in printed
+    assert re.search(r"\| RL step \| +dart - joint \|\n\|[-|:]+\|\n\| 0 +\| \+0\.0 \[\+0\.0, \+0\.0\] \|\n\| 1 ",
+                     printed)
     alpha = json.load(open(tmp_path / "sweep" / "r2" / "dart-s0" / "config.json"))["alpha"]
     assert alpha == 2 * cfg.alpha / cfg.lora_rank  # alpha/r kept
     monkeypatch.setattr(dart, "train", lambda run, report=True: pytest.fail("retrained"))
