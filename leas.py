@@ -14,7 +14,7 @@ the same tiny world as dart.py:
        reasoning and tool use in the same parameters hurt (interference), > 0 helped;
     5. gradient directions: under the joint adapter, the policy gradient of a trajectory's
        reasoning tokens versus that of its tool tokens (the paper: nearly orthogonal), against
-       controls of the same size.
+       controls of the same size; and each role's share of joint's one AdamW.
 
     python leas.py                 # all of it: 3 seeds x 3 variants x 40 RL steps, ~15 min of CPU
     python leas.py grad            # only the gradient-direction analysis
@@ -267,13 +267,16 @@ def attribution_table(report, lcfg):
 
 def gradient_batch(policy, registry, cfg, lcfg, world):
     """grad_rollouts answers to each of grad_questions test questions that need a tool (the same under
-    every adapter)."""
+    every adapter), and their GRPO advantages as training computes them."""
     tool_tasks = [t for t in toy_tasks.test_set(world, lcfg.per_family) if t.family != "notool"]
     picks = np.random.default_rng(0).choice(len(tool_tasks), lcfg.grad_questions, replace=False)
     tasks = [tool_tasks[i] for i in picks]
     prompts = [dart.prompt_ids(policy.tok, t.question) for t in tasks for _ in range(lcfg.grad_rollouts)]
     batch = dart.rollout(policy, registry, prompts, cfg, cfg.temperature, torch.Generator(policy.device).manual_seed(0))
-    return tasks, batch
+    rewards = torch.tensor([toy_tasks.reward(text, tasks[i // lcfg.grad_rollouts], cfg.format_bonus)
+                            for i, text in enumerate(batch.texts)])
+    advantages = dart.group_advantages(rewards.view(len(tasks), -1), cfg.scale_std).flatten().to(policy.device)
+    return tasks, batch, advantages
 
 
 def token_set_gradients(policy, batch, row, loss_tokens, token_sets, params, temperature):
@@ -447,6 +450,45 @@ def gradient_table(results, family=None):
     return "\n".join(lines + [""] + gradient_finding(usable, family))
 
 
+def role_gradients(policy, batch, advantages, cfg):
+    """Each role's GRPO gradient on one batch under `joint`, flattened: on-policy the ratio is 1, so it is
+    that of -A log pi per token, weighted as in training (the KL term left out: no role's reward)."""
+    params = dart.trainable(policy.model)
+    roles = dart.predicting_roles(batch, policy.special)
+    mask = dart.loss_mask(batch, roles, "joint")
+    weights = dart.token_weights(mask, cfg.loss_agg, cfg.max_new_tokens)
+    logp, _ = dart.response_logprobs(policy, batch.ids, batch.attention_mask, batch.prompt_len, cfg.temperature,
+                                     with_entropy=False)
+    per_token = -advantages[:, None] * torch.where(mask, logp, 0.0) * weights
+    grads = [torch.autograd.grad((per_token * (roles == role)).sum(), params, retain_graph=True)
+             for role in (dart.REASONING, dart.TOOL)]
+    return [torch.cat([g.flatten() for g in grad]) for grad in grads]
+
+
+def optimizer_shares(g_reasoning, g_tool):
+    """Two roles in one AdamW second moment, v ~ g_R^2 + g_T^2 per parameter (the cross term 2 g_R g_T
+    averages out over steps if they are uncorrelated): each role's norm, the reasoning role's share of
+    sum(v), and each role's kept step, sum(|g| f) / sum(|g|) with f = |g| / sqrt(v): its first-order
+    progress on its own loss per step against an optimizer of its own (DART's: v = g^2, f = 1)."""
+    r2, t2 = g_reasoning.double() ** 2, g_tool.double() ** 2
+    root_v = (r2 + t2).sqrt().clamp(min=1e-300)
+    keeps = lambda g2: float((g2 / root_v).sum() / g2.sqrt().sum())
+    return {"norm_reasoning": float(r2.sum().sqrt()), "norm_tool": float(t2.sum().sqrt()), "reasoning_share":
+            float(r2.sum() / (r2 + t2).sum()), "reasoning_keeps": keeps(r2), "tool_keeps": keeps(t2)}
+
+
+def optimizer_lines(results):
+    lines = ["one AdamW for both roles under joint, per seed: each role's GRPO gradient on the questions above, "
+             "sampled as RL began (B = 0) and as it ended (n/a: every group's rewards equal, no gradient)"]
+    for when in ("start", "end"):
+        each = lambda key, fmt: ", ".join("n/a" if np.isnan(v := r["optimizer"][when][key]) else fmt.format(v)
+                                          for r in results)
+        lines.append(f"  {when:<5}  |g_R| {each('norm_reasoning', '{:.3g}')}; |g_T| {each('norm_tool', '{:.3g}')}; "
+                     f"reasoning's share of v {each('reasoning_share', '{:.0%}')}; share of its own step kept: "
+                     f"tool {each('tool_keeps', '{:.2f}')}, reasoning {each('reasoning_keeps', '{:.2f}')}")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # Putting it together
 
@@ -491,15 +533,20 @@ def run_leas(cfg, lcfg, grad_only=False):
         del policy  # before the joint model loads: one model in memory at a time
         report = attribution(counts, tasks, lcfg)
         print("\n" + attribution_table(report, lcfg))
-    joint = dart.load_policy(dataclasses.replace(cfg, mode="joint"))
     report["gradients"] = []
     for seed in range(lcfg.seeds):
+        joint = dart.load_policy(dataclasses.replace(cfg, mode="joint", seed=seed))  # the adapter as RL began
+        start = optimizer_shares(*role_gradients(joint, *gradient_batch(joint, registry, cfg, lcfg, world)[1:], cfg))
         dart.load_adapter_block(joint.model, states["joint", seed], 0, joint.routing.lora_rank)
-        report["gradients"].append(gradient_directions(joint, cfg, lcfg, *gradient_batch(joint, registry, cfg, lcfg,
-                                                                                          world)))
+        tasks, batch, advantages = gradient_batch(joint, registry, cfg, lcfg, world)
+        result = gradient_directions(joint, cfg, lcfg, tasks, batch)
+        result["optimizer"] = {"start": start, "end": optimizer_shares(*role_gradients(joint, batch, advantages, cfg))}
+        report["gradients"].append(result)
+        del joint  # one model in memory at a time
     print("\n" + gradient_table(report["gradients"]))
     for family in sorted({f for r in report["gradients"] for f in r["family"]}):
         print("\n" + gradient_table(report["gradients"], family))
+    print("\n" + optimizer_lines(report["gradients"]))
     report["config"] = {"leas": dataclasses.asdict(lcfg), "train": dataclasses.asdict(cfg)}
     path = os.path.join(runs_of(cfg, lcfg), "leas_grad.json" if grad_only else "leas.json")
     dart.write_json(path, report)

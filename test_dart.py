@@ -1652,7 +1652,7 @@ def test_hybrids_place_adapters_in_role_blocks(make_policy):
 def test_role_gradients_add_up_and_the_matched_sets_are_disjoint_and_equal_in_size(make_policy):
     """The reasoning and tool gradients of a trajectory add up to its whole gradient; the four matched
     sets are disjoint, each of m = min(n_R, n_T) // 2 of its role's tokens; a set against a copy of itself
-    has cosine 1."""
+    has cosine 1. Two equal gradients split AdamW's second moment in half, disjoint ones not at all."""
     policy, cfg = make_policy("joint", randomize=0.01)
     batch = sampled(policy, cfg, prompts_for(policy, 16, seed=5))
     roles = dart.predicting_roles(batch, policy.special)
@@ -1674,6 +1674,10 @@ def test_role_gradients_add_up_and_the_matched_sets_are_disjoint_and_equal_in_si
         assert torch.allclose(r + t, f, atol=1e-6)
     flat = torch.nn.utils.parameters_to_vector
     assert torch.nn.functional.cosine_similarity(flat(g_a), flat(g_a_again), dim=0) == pytest.approx(1.0, abs=1e-4)
+    shares = lambda *grads: leas.optimizer_shares(*torch.tensor(grads))
+    same, apart = shares([1.0, 2.0], [1.0, 2.0]), shares([3.0, 0.0], [0.0, 4.0])
+    assert same["reasoning_share"] == 0.5 and same["tool_keeps"] == pytest.approx(0.5 ** 0.5)
+    assert apart["reasoning_share"] == pytest.approx(0.36) and apart["tool_keeps"] == apart["reasoning_keeps"] == 1
 
 
 def test_the_findings_are_stated_as_far_as_their_intervals_and_controls_go():
