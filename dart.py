@@ -1922,14 +1922,14 @@ def print_report(run_dir, table, curve, policy, registry, test, cfg):
 
 
 def run_summary(run_dir):
-    """One finished run: its evaluations before RL (step 0), at the end and at their best, its
+    """One finished run: its evaluations (all; before RL, step 0; at the end; at their best), its
     parameter count, peak memory and speed."""
     from safetensors.torch import load_file
     evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "test_acc" in r]
     speed = read_jsonl(os.path.join(run_dir, "speed.jsonl"))
     params = sum(t.numel() for t in load_file(os.path.join(run_dir, "adapters.safetensors")).values())
     rollout_s, update_s = sum(r["rollout_s"] for r in speed), sum(r["update_s"] for r in speed)
-    return {"before": evals[0], "final": evals[-1], "best": max(evals, key=lambda r: r["test_acc"]),
+    return {"evals": evals, "before": evals[0], "final": evals[-1], "best": max(evals, key=lambda r: r["test_acc"]),
             "params": params, "peak_mb": max(r["peak_mb"] for r in speed),
             "s_per_step": (rollout_s + update_s) / len(speed),
             "sampled_tok_s": sum(r["sampled_tokens"] for r in speed) / rollout_s,
@@ -1987,9 +1987,9 @@ def paired_difference(a, b, resamples=2000, seed=0):
     return float(d.mean()), bootstrap_interval(d, resamples, np.random.default_rng(seed))
 
 
-def mode_difference(summaries, a, b):
-    """paired_difference of two modes' final per-question results."""
-    return paired_difference(*([r["final"]["test_correct"] for r in summaries[mode]] for mode in (a, b)))
+def mode_difference(summaries, a, b, at=-1):
+    """paired_difference of two modes' per-question results at their last evaluation, or at evaluation `at`."""
+    return paired_difference(*([r["evals"][at]["test_correct"] for r in summaries[mode]] for mode in (a, b)))
 
 
 def difference_line(summaries, a, b):
@@ -2009,6 +2009,16 @@ def stability_table(summaries):
             best, final = 100 * r["best"]["test_acc"], 100 * r["final"]["test_acc"]
             rows.append((mode, seed, f"{best:.1f} ({r['best']['step']})", f"{final:.1f}", f"{final - best:+.1f}"))
     return markdown_table(("mode", "seed", "best test acc (step)", "final", "final - best"), rows)
+
+
+def curve_table(summaries, others):
+    """dart's paired differences at every evaluation, not only the last: sharing may slow a role
+    before it caps it. Each run's per-question results at that step, paired by seed and question."""
+    rows = []
+    for at, record in enumerate(summaries["dart"][0]["evals"]):
+        differences = [mode_difference(summaries, "dart", m, at) for m in others]
+        rows.append([record["step"]] + [f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" for mean, (lo, hi) in differences])
+    return markdown_table(["RL step", *(f"dart - {m}" for m in others)], rows)
 
 
 def sweep_table(results, modes, ranks):
@@ -2070,7 +2080,9 @@ def compare_modes(cfg):
                   f"seed(s), {cfg.steps} RL steps of {cfg.questions_per_step}x{cfg.group_size} rollouts, model "
                   f"{cfg.model}, device {device}; final test accuracy in %, mean±std over seeds")
         differences = "\n".join(difference_line(results[rank], "dart", m) for m in others)
-        sections.append("\n\n".join(part for part in (header, compare_table(results[rank]), differences,
+        curve = others and ("the learning curves: dart's paired differences at each evaluation, in points, 95% "
+                            "intervals over seeds and questions\n\n" + curve_table(results[rank], others))
+        sections.append("\n\n".join(part for part in (header, compare_table(results[rank]), differences, curve,
                                                       stability_table(results[rank])) if part))
     # 3. across ranks: the sweep's table and the chart of dart - joint
     if len(ranks) > 1:

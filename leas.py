@@ -13,7 +13,8 @@ the same tiny world as dart.py:
        rate, X the 6-column indicator matrix below: lambda23 < 0 means that optimizing
        reasoning and tool use in the same parameters hurt (interference), > 0 helped;
     5. gradient directions: under the joint adapter, the policy gradient of a trajectory's
-       reasoning tokens versus that of its tool tokens (the paper: nearly orthogonal).
+       reasoning tokens versus that of its tool tokens (the paper: nearly orthogonal), against
+       controls of the same size; and each role's share of joint's one AdamW.
 
     python leas.py                 # all of it: 3 seeds x 3 variants x 40 RL steps, ~15 min of CPU
     python leas.py grad            # only the gradient-direction analysis
@@ -264,6 +265,20 @@ def attribution_table(report, lcfg):
 # Gradient directions
 
 
+def gradient_batch(policy, registry, cfg, lcfg, world):
+    """grad_rollouts answers to each of grad_questions test questions that need a tool (the same under
+    every adapter), and their GRPO advantages as training computes them."""
+    tool_tasks = [t for t in toy_tasks.test_set(world, lcfg.per_family) if t.family != "notool"]
+    picks = np.random.default_rng(0).choice(len(tool_tasks), lcfg.grad_questions, replace=False)
+    tasks = [tool_tasks[i] for i in picks]
+    prompts = [dart.prompt_ids(policy.tok, t.question) for t in tasks for _ in range(lcfg.grad_rollouts)]
+    batch = dart.rollout(policy, registry, prompts, cfg, cfg.temperature, torch.Generator(policy.device).manual_seed(0))
+    rewards = torch.tensor([toy_tasks.reward(text, tasks[i // lcfg.grad_rollouts], cfg.format_bonus)
+                            for i, text in enumerate(batch.texts)])
+    advantages = dart.group_advantages(rewards.view(len(tasks), -1), cfg.scale_std).flatten().to(policy.device)
+    return tasks, batch, advantages
+
+
 def token_set_gradients(policy, batch, row, loss_tokens, token_sets, params, temperature):
     """The policy gradient of each set of one trajectory's tokens: the gradient of -sum(log pi) over
     the set / the number of the trajectory's `loss_tokens`, so that sets which partition those tokens
@@ -280,16 +295,6 @@ def token_set_gradients(policy, batch, row, loss_tokens, token_sets, params, tem
     return grads
 
 
-def random_halves(tokens, generator):
-    """Two disjoint halves of a 0/1 token mask, the tokens assigned at random (sizes n//2 and the rest)."""
-    where = tokens.nonzero().squeeze(-1)
-    where = where[torch.randperm(len(where), generator=generator)]
-    halves = torch.zeros(2, len(tokens), dtype=torch.bool)
-    halves[0, where[:len(where) // 2]] = True
-    halves[1, where[len(where) // 2:]] = True
-    return halves[0], halves[1]
-
-
 def layer_of(name):
     parts = name.split(".")
     return int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
@@ -301,110 +306,187 @@ def cosines(vectors):
     return unit @ unit.T
 
 
-# the comparisons of the gradient table: (key, label). Each trajectory's reasoning gradient is set
-# against its tool gradient; the matched controls set two random halves of one role's tokens of
-# the same trajectory against each other, which differ in their tokens as the two roles do but
+# the comparisons of the gradient table: (key, label), each between two sets of m tokens. A
+# trajectory's reasoning set against its tool set; the matched controls, its two reasoning sets
+# (or its two tool sets) against each other, which differ in their tokens as the two roles do but
 # not in their role: "cross-role is less aligned" means less than these, not less than 90 degrees
 GRADIENT_ROWS = (
     ("cross_role", "reasoning vs tool, same trajectory"),
-    ("reasoning_halves", "control: reasoning half vs half, same trajectory"),
-    ("tool_halves", "control: tool half vs half, same trajectory"),
+    ("reasoning_control", "control: reasoning vs reasoning, same trajectory"),
+    ("tool_control", "control: tool vs tool, same trajectory"),
     ("reasoning_across", "reasoning vs reasoning, other trajectories"),
     ("tool_across", "tool vs tool, other trajectories"),
 )
+SETS = ("reasoning_a", "reasoning_b", "tool_a", "tool_b")  # each trajectory's matched sets: matched_subsets
 
 
-def gradient_directions(policy, registry, cfg, lcfg, world):
+def matched_subsets(reasoning, tool, generator):
+    """SETS: four disjoint random sets of m = min(n_R, n_T) // 2 tokens, two of a trajectory's reasoning
+    tokens (0/1 masks) and two of its tool tokens. The cosine of two sums of noisy token gradients grows
+    with how many each holds, so only sums of equal sizes compare."""
+    m = min(int(reasoning.sum()), int(tool.sum())) // 2
+    sets = torch.zeros(4, len(reasoning), dtype=torch.bool)
+    for first, tokens in ((0, reasoning), (2, tool)):
+        where = tokens.nonzero().squeeze(-1)
+        where = where[torch.randperm(len(where), generator=generator)]
+        sets[first, where[:m]], sets[first + 1, where[m:2 * m]] = True, True
+    return sets
+
+
+def matched_cosines(grads):
+    """grads: {set: (trajectories, dims)}, the gradients of each trajectory's SETS -> GRADIENT_ROWS'
+    cosines: per trajectory, or as a matrix between trajectories (each one's first set of a role)."""
+    pair = lambda a, b: F.cosine_similarity(grads[a], grads[b], dim=1).tolist()
+    return {"cross_role": pair("reasoning_a", "tool_a"), "reasoning_control": pair("reasoning_a", "reasoning_b"),
+            "tool_control": pair("tool_a", "tool_b"), "reasoning_across": cosines(grads["reasoning_a"]).tolist(),
+            "tool_across": cosines(grads["tool_a"]).tolist()}
+
+
+def gradient_directions(policy, cfg, lcfg, tasks, batch):
     """Under the joint adapter, per sampled trajectory with at least two tokens of each role: the
-    cosine between its reasoning and its tool gradient, the two controls (random halves of each
-    role's tokens), and the same-role cosines across trajectories; overall and per layer."""
-    rng = np.random.default_rng(0)
-    test = toy_tasks.test_set(world, lcfg.per_family)
-    tool_tasks = [t for t in test if t.family != "notool"]
-    tasks = [tool_tasks[i] for i in rng.choice(len(tool_tasks), lcfg.grad_questions, replace=False)]
-    prompts = [dart.prompt_ids(policy.tok, t.question) for t in tasks for _ in range(lcfg.grad_rollouts)]
-    batch = dart.rollout(policy, registry, prompts, cfg, cfg.temperature, torch.Generator(policy.device).manual_seed(0))
+    gradients of its matched sets, compared overall and per layer; its question, family and m."""
     named = [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     roles = dart.predicting_roles(batch, policy.special)
     mask = dart.loss_mask(batch, roles, "joint")
     by_role = [mask & (roles == role) for role in (dart.REASONING, dart.TOOL)]
-    kept = [r for r in range(len(prompts)) if all(tokens[r].sum() >= 2 for tokens in by_role)]
-    sets = {key: [] for key in ("reasoning", "tool", "reasoning_a", "reasoning_b", "tool_a", "tool_b")}
+    kept = [r for r in range(len(batch.texts)) if all(tokens[r].sum() >= 2 for tokens in by_role)]
+    sets = {key: [] for key in SETS}
     for row in tqdm(kept, desc="per-role gradients", leave=False):
-        generator = torch.Generator().manual_seed(row)
-        reasoning, tool = by_role[0][row].cpu(), by_role[1][row].cpu()
-        masks = [reasoning, tool, *random_halves(reasoning, generator), *random_halves(tool, generator)]
-        grads = token_set_gradients(policy, batch, row, mask[row], [m.to(mask.device) for m in masks], params,
+        masks = matched_subsets(by_role[0][row].cpu(), by_role[1][row].cpu(), torch.Generator().manual_seed(row))
+        grads = token_set_gradients(policy, batch, row, mask[row], list(masks.to(mask.device)), params,
                                     cfg.temperature)
         for key, grad in zip(sets, grads):
             sets[key].append([g.cpu() for g in grad])  # in host memory: one per trajectory adds up
-    result = {"trajectories": len(kept)}
+    question = [row // lcfg.grad_rollouts for row in kept]
+    result = {"trajectories": len(kept), "question": question, "family": [tasks[q].family for q in question],
+              "m": [min(int(tokens[row].sum()) for tokens in by_role) // 2 for row in kept]}
     if len(kept) < 2:
         return result
-    off_diagonal = ~torch.eye(len(kept), dtype=torch.bool)
     for scope in ["all"] + sorted({layer_of(n) for n, _ in named}):
         keep = [i for i, (n, _) in enumerate(named) if scope == "all" or layer_of(n) == scope]
-        flat = {key: torch.stack([torch.cat([g[i].flatten() for i in keep]) for g in grads])
-                for key, grads in sets.items()}
-        pair = lambda a, b: F.cosine_similarity(flat[a], flat[b], dim=1).tolist()
-        result[str(scope)] = {"cross_role": pair("reasoning", "tool"),
-                              "reasoning_halves": pair("reasoning_a", "reasoning_b"),
-                              "tool_halves": pair("tool_a", "tool_b"),
-                              "reasoning_across": cosines(flat["reasoning"])[off_diagonal].tolist(),
-                              "tool_across": cosines(flat["tool"])[off_diagonal].tolist()}
+        result[str(scope)] = matched_cosines({key: torch.stack([torch.cat([g[i].flatten() for i in keep])
+                                                                for g in grads]) for key, grads in sets.items()})
     return result
+
+
+def pooled(results, key, family=None, scope="all"):
+    """One comparison over every seed's trajectories (of `family`), per trajectory or as a matrix of pairs
+    (NaN: a trajectory with itself, or another seed's), and each one's independent unit: seed/question."""
+    parts, units = [], []
+    for seed, r in enumerate(results):
+        pick = [i for i, f in enumerate(r["family"]) if family in (None, f)]
+        values = np.asarray(r[scope][key], dtype=float)
+        parts.append(values[pick] if values.ndim == 1 else values[np.ix_(pick, pick)])
+        units += [f"{seed}/{r['question'][i]}" for i in pick]
+    if parts[0].ndim == 1:
+        return np.concatenate(parts), np.array(units)
+    pairs = np.block([[a if i == j else np.full((len(a), len(b)), np.nan) for j, b in enumerate(parts)]
+                      for i, a in enumerate(parts)])
+    np.fill_diagonal(pairs, np.nan)
+    return pairs, np.array(units)
+
+
+def mean_and_interval(values, units):
+    """The mean over trajectories, or over pairs (each once), and a 95% interval of the width of a t-interval
+    over the pseudo-values of a jackknife that leaves out one unit at a time: pairs share trajectories, a
+    question's rollouts share it, so neither pairs nor trajectories are independent draws (the units are)."""
+    mean = lambda keep: np.nanmean(values[keep] if values.ndim == 1 else values[np.ix_(keep, keep)])
+    names, full = np.unique(units), mean(units == units)
+    center, (lo, _) = seed_interval([len(names) * full - (len(names) - 1) * mean(units != u) for u in names])
+    return float(full), (float(full - (center - lo)), float(full + (center - lo)))
 
 
 def angle(cos):
     return float(np.degrees(np.arccos(np.clip(cos, -1, 1))))
 
 
-def gradient_finding(usable, resamples, rng):
-    """Cross-role against each within-trajectory control, paired by trajectory: the mean of
-    (control - cross-role) cosine with a bootstrap interval, and what it says."""
-    lines, less = [], []
-    for key, role in (("reasoning_halves", "reasoning"), ("tool_halves", "tool")):
-        gap = np.concatenate([np.subtract(r["all"][key], r["all"]["cross_role"]) for r in usable])
-        lo, hi = dart.bootstrap_interval(gap, resamples, rng)
+def gradient_finding(results, family=None):
+    """Cross-role against each matched control, paired by trajectory: the mean of (control -
+    cross-role) cosine with its interval, and what it says."""
+    lines, less, more = [], [], []
+    cross, units = pooled(results, "cross_role", family)
+    for key, role in (("reasoning_control", "reasoning"), ("tool_control", "tool")):
+        mean, (lo, hi) = mean_and_interval(pooled(results, key, family)[0] - cross, units)
         less.append(lo > 0)
-        lines.append(f"  {role} halves minus cross-role: {gap.mean():+.2f} [{lo:+.2f}, {hi:+.2f}] over {len(gap)} "
-                     f"trajectories")
+        more.append(hi < 0)
+        lines.append(f"  {role} control minus cross-role: {mean:+.2f} [{lo:+.2f}, {hi:+.2f}]")
     if all(less):
         verdict = "cross-role is less aligned than same-role within a trajectory (both controls)"
     elif any(less):
         role, other = ("reasoning", "tool") if less[0] else ("tool", "reasoning")
-        verdict = (f"cross-role is less aligned than two halves of the {role} tokens, not than two of the {other} "
+        verdict = (f"cross-role is less aligned than two sets of the {role} tokens, not than two of the {other} "
                    f"tokens")
+    elif all(more):
+        verdict = "cross-role is more aligned than same-role within a trajectory (both controls)"
     else:
         verdict = "cross-role is not less aligned than same-role within a trajectory"
     return lines + [f"finding: {verdict}"]
 
 
-def gradient_table(results, resamples=2000):
+def gradient_table(results, family=None):
     """results: one gradient_directions() result per seed. Each comparison's mean cosine (and angle)
-    over all trajectories of all seeds, with a 95% bootstrap interval over trajectories (over pairs
-    of trajectories for the across rows); per layer, the means; then the finding against the controls."""
+    over the trajectories (of `family`) of all seeds, or over their pairs within a seed, with its 95%
+    interval over (seed, question) units; per layer, the means; then the finding against the controls."""
     usable = [r for r in results if r["trajectories"] >= 2]
-    if not usable:
-        return ("gradient directions: fewer than 2 sampled trajectories had 2+ tokens of each role; raise "
-                "--grad_questions or --grad_rollouts")
-    rng = np.random.default_rng(0)
-    lines = [f"gradient directions under M_Unified (joint adapter), {len(usable)} seed(s), "
-             f"{'/'.join(str(r['trajectories']) for r in usable)} trajectories with 2+ tokens of each role; "
-             f"control halves drawn at random", "",
-             f"{'cosine (all adapter parameters)':<52} {'mean':>6} {'angle':>6} {'95% interval':>16}"]
+    cross, units = pooled(usable, "cross_role", family) if usable else ([], [])
+    if len(set(units)) < 2:
+        return (f"gradient directions{f' ({family})' if family else ''}: fewer than 2 sampled questions had a "
+                f"trajectory with 2+ tokens of each role; raise --grad_questions or --grad_rollouts")
+    m = [m for r in usable for m, f in zip(r["m"], r["family"]) if family in (None, f)]
+    lines = [f"gradient directions under M_Unified (joint adapter){f' on the {family} questions' if family else ''}, "
+             f"{len(usable)} seed(s): {len(cross)} trajectories of {len(set(units))} questions with 2+ tokens of "
+             f"each role; each set holds m = min(n_R, n_T) // 2 of a trajectory's tokens, drawn at random "
+             f"(median m {np.median(m):g}); 95% intervals: jackknife over (seed, question)", "",
+             f"{'cosine (all adapter parameters), m tokens a side':<52} {'mean':>6} {'angle':>6} {'95% interval':>16}"]
     for key, label in GRADIENT_ROWS:
-        values = np.concatenate([r["all"][key] for r in usable])
-        lo, hi = dart.bootstrap_interval(values, resamples, rng)
-        interval = f"[{lo:+.2f}, {hi:+.2f}]"
-        lines.append(f"{label:<52} {values.mean():+6.2f} {angle(values.mean()):4.0f}deg {interval:>16}")
-    layers = [k for k in usable[0] if k not in ("trajectories", "all")]
-    lines += ["", "per layer, mean cosine: " + ", ".join(key for key, _ in GRADIENT_ROWS)]
-    for scope in layers:
-        means = [np.mean(np.concatenate([r[scope][key] for r in usable])) for key, _ in GRADIENT_ROWS]
-        lines.append(f"  layer {scope:<3} " + " ".join(f"{m:+6.2f}" for m in means))
-    return "\n".join(lines + [""] + gradient_finding(usable, resamples, rng))
+        mean, (lo, hi) = mean_and_interval(*pooled(usable, key, family))
+        lines.append(f"{label:<52} {mean:+6.2f} {angle(mean):4.0f}deg {f'[{lo:+.2f}, {hi:+.2f}]':>16}")
+    if family is None:
+        lines += ["", "per layer, mean cosine: " + ", ".join(key for key, _ in GRADIENT_ROWS)]
+        for scope in [k for k in usable[0] if k.lstrip("-").isdigit()]:
+            means = [np.nanmean(pooled(usable, key, scope=scope)[0]) for key, _ in GRADIENT_ROWS]
+            lines.append(f"  layer {scope:<3} " + " ".join(f"{m:+6.2f}" for m in means))
+    return "\n".join(lines + [""] + gradient_finding(usable, family))
+
+
+def role_gradients(policy, batch, advantages, cfg):
+    """Each role's GRPO gradient on one batch under `joint`, flattened: on-policy the ratio is 1, so it is
+    that of -A log pi per token, weighted as in training (the KL term left out: no role's reward)."""
+    params = dart.trainable(policy.model)
+    roles = dart.predicting_roles(batch, policy.special)
+    mask = dart.loss_mask(batch, roles, "joint")
+    weights = dart.token_weights(mask, cfg.loss_agg, cfg.max_new_tokens)
+    logp, _ = dart.response_logprobs(policy, batch.ids, batch.attention_mask, batch.prompt_len, cfg.temperature,
+                                     with_entropy=False)
+    per_token = -advantages[:, None] * torch.where(mask, logp, 0.0) * weights
+    grads = [torch.autograd.grad((per_token * (roles == role)).sum(), params, retain_graph=True)
+             for role in (dart.REASONING, dart.TOOL)]
+    return [torch.cat([g.flatten() for g in grad]) for grad in grads]
+
+
+def optimizer_shares(g_reasoning, g_tool):
+    """Two roles in one AdamW second moment, v ~ g_R^2 + g_T^2 per parameter (the cross term 2 g_R g_T
+    averages out over steps if they are uncorrelated): each role's norm, the reasoning role's share of
+    sum(v), and each role's kept step, sum(|g| f) / sum(|g|) with f = |g| / sqrt(v): its first-order
+    progress on its own loss per step against an optimizer of its own (DART's: v = g^2, f = 1)."""
+    r2, t2 = g_reasoning.double() ** 2, g_tool.double() ** 2
+    root_v = (r2 + t2).sqrt().clamp(min=1e-300)
+    keeps = lambda g2: float((g2 / root_v).sum() / g2.sqrt().sum())
+    return {"norm_reasoning": float(r2.sum().sqrt()), "norm_tool": float(t2.sum().sqrt()), "reasoning_share":
+            float(r2.sum() / (r2 + t2).sum()), "reasoning_keeps": keeps(r2), "tool_keeps": keeps(t2)}
+
+
+def optimizer_lines(results):
+    lines = ["one AdamW for both roles under joint, per seed: each role's GRPO gradient on the questions above, "
+             "sampled as RL began (B = 0) and as it ended (n/a: every group's rewards equal, no gradient)"]
+    for when in ("start", "end"):
+        each = lambda key, fmt: ", ".join("n/a" if np.isnan(v := r["optimizer"][when][key]) else fmt.format(v)
+                                          for r in results)
+        lines.append(f"  {when:<5}  |g_R| {each('norm_reasoning', '{:.3g}')}; |g_T| {each('norm_tool', '{:.3g}')}; "
+                     f"reasoning's share of v {each('reasoning_share', '{:.0%}')}; share of its own step kept: "
+                     f"tool {each('tool_keeps', '{:.2f}')}, reasoning {each('reasoning_keeps', '{:.2f}')}")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -451,12 +533,20 @@ def run_leas(cfg, lcfg, grad_only=False):
         del policy  # before the joint model loads: one model in memory at a time
         report = attribution(counts, tasks, lcfg)
         print("\n" + attribution_table(report, lcfg))
-    joint = dart.load_policy(dataclasses.replace(cfg, mode="joint"))
     report["gradients"] = []
     for seed in range(lcfg.seeds):
+        joint = dart.load_policy(dataclasses.replace(cfg, mode="joint", seed=seed))  # the adapter as RL began
+        start = optimizer_shares(*role_gradients(joint, *gradient_batch(joint, registry, cfg, lcfg, world)[1:], cfg))
         dart.load_adapter_block(joint.model, states["joint", seed], 0, joint.routing.lora_rank)
-        report["gradients"].append(gradient_directions(joint, registry, cfg, lcfg, world))
-    print("\n" + gradient_table(report["gradients"], lcfg.bootstrap))
+        tasks, batch, advantages = gradient_batch(joint, registry, cfg, lcfg, world)
+        result = gradient_directions(joint, cfg, lcfg, tasks, batch)
+        result["optimizer"] = {"start": start, "end": optimizer_shares(*role_gradients(joint, batch, advantages, cfg))}
+        report["gradients"].append(result)
+        del joint  # one model in memory at a time
+    print("\n" + gradient_table(report["gradients"]))
+    for family in sorted({f for r in report["gradients"] for f in r["family"]}):
+        print("\n" + gradient_table(report["gradients"], family))
+    print("\n" + optimizer_lines(report["gradients"]))
     report["config"] = {"leas": dataclasses.asdict(lcfg), "train": dataclasses.asdict(cfg)}
     path = os.path.join(runs_of(cfg, lcfg), "leas_grad.json" if grad_only else "leas.json")
     dart.write_json(path, report)

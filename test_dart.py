@@ -1127,7 +1127,8 @@ def test_paired_differences_the_sweep_table_and_its_chart():
         row[rng.choice(200, 20, replace=False)] = 1  # 10 points better on every seed: detected
     mean, (lo, hi) = dart.paired_difference(a, b)
     assert mean == 10 and 0 < lo < 10 < hi
-    runs = lambda rows: [{"final": {"test_acc": float(np.mean(r)), "test_correct": list(r)}} for r in rows]
+    runs = lambda rows: [{"final": (e := {"test_acc": float(np.mean(r)), "test_correct": list(r)}), "evals": [e]}
+                         for r in rows]
     line = lambda: dart.difference_line({"dart": runs(a), "joint": runs(b)}, "dart", "joint")
     assert line().endswith("dart is better at this budget")
     a[2], b[2, rng.choice(200, 40, replace=False)] = 0, 1  # a third seed 20 points worse: no finding
@@ -1146,15 +1147,17 @@ def test_paired_differences_the_sweep_table_and_its_chart():
 
 
 def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, monkeypatch, capsys):
-    """--compare --ranks trains each (rank, mode, seed) once, with alpha/r kept, prints a row per rank
-    and the chart; the same command again trains nothing, and one with another mode trains only it
-    and writes a report of its own beside the first."""
+    """--compare --ranks trains each (rank, mode, seed) once, with alpha/r kept, prints a row per rank,
+    the chart and the learning curves (at step 0 the same model: 0); the same command again trains
+    nothing, and one with another mode trains only it and writes a report of its own beside the first."""
     cfg = cfg_factory(compare=True, ranks="1,2", modes="joint,dart", seeds=1, steps=1, eval_every=1,
                       eval_per_family=1, questions_per_step=1, out=str(tmp_path / "sweep"))
     dart.compare_modes(cfg)
     printed = capsys.readouterr().out
     assert re.search(r"\| LoRA rank r \| +joint \| +dart \| +dart - joint \|", printed)
     assert "dart - joint against the LoRA rank" in printed
+    assert re.search(r"\| RL step \| +dart - joint \|\n\|[-|:]+\|\n\| 0 +\| \+0\.0 \[\+0\.0, \+0\.0\] \|\n\| 1 ",
+                     printed)
     alpha = json.load(open(tmp_path / "sweep" / "r2" / "dart-s0" / "config.json"))["alpha"]
     assert alpha == 2 * cfg.alpha / cfg.lora_rank  # alpha/r kept
     monkeypatch.setattr(dart, "train", lambda run, report=True: pytest.fail("retrained"))
@@ -1672,10 +1675,10 @@ def test_hybrids_place_adapters_in_role_blocks(make_policy):
     assert not torch.allclose(hybrid[roles == T], bare[roles == T], atol=1e-3)
 
 
-def test_role_gradients_and_their_random_halves_add_up_to_the_full_gradient(make_policy):
-    """The reasoning and tool gradients of a trajectory add up to its whole gradient, and so do the
-    two random halves of a role's tokens (the controls) to that role's gradient; a half set against
-    an identical copy of itself has cosine 1."""
+def test_role_gradients_add_up_and_the_matched_sets_are_disjoint_and_equal_in_size(make_policy):
+    """The reasoning and tool gradients of a trajectory add up to its whole gradient; the four matched
+    sets are disjoint, each of m = min(n_R, n_T) // 2 of its role's tokens; a set against a copy of itself
+    has cosine 1. Two equal gradients split AdamW's second moment in half, disjoint ones not at all."""
     policy, cfg = make_policy("joint", randomize=0.01)
     batch = sampled(policy, cfg, prompts_for(policy, 16, seed=5))
     roles = dart.predicting_roles(batch, policy.special)
@@ -1684,24 +1687,29 @@ def test_role_gradients_and_their_random_halves_add_up_to_the_full_gradient(make
     row = int(torch.argmax((mask & (roles == T)).sum(-1)))
     reasoning, tool = mask[row] & (roles[row] == R), mask[row] & (roles[row] == T)
     assert tool.sum() >= 2
-    half_a, half_b = leas.random_halves(reasoning, torch.Generator().manual_seed(0))
-    assert not (half_a & half_b).any() and torch.equal(half_a | half_b, reasoning)
-    assert abs(int(half_a.sum()) - int(half_b.sum())) <= 1
-    g_reason, g_tool, g_a, g_b, g_a_again = leas.token_set_gradients(
-        policy, batch, row, mask[row], [reasoning, tool, half_a, half_b, half_a], params, 1.0)
+    sets = leas.matched_subsets(reasoning, tool, torch.Generator().manual_seed(0))
+    m = min(int(reasoning.sum()), int(tool.sum())) // 2
+    assert sets.sum(-1).tolist() == [m] * 4 and sets.sum(0).max() == 1
+    assert not (sets[:2] & ~reasoning).any() and not (sets[2:] & ~tool).any()
+    g_reason, g_tool, g_a, g_a_again = leas.token_set_gradients(
+        policy, batch, row, mask[row], [reasoning, tool, sets[0], sets[0]], params, 1.0)
     logp, _ = dart.response_logprobs(policy, batch.ids[row:row + 1], batch.attention_mask[row:row + 1],
                                      batch.prompt_len, 1.0)
     full = torch.autograd.grad(-(logp[0] * mask[row]).sum() / mask[row].sum(), params)
-    for r, t, a, b, f in zip(g_reason, g_tool, g_a, g_b, full):
-        assert torch.allclose(r + t, f, atol=1e-6) and torch.allclose(a + b, r, atol=1e-6)
+    for r, t, f in zip(g_reason, g_tool, full):
+        assert torch.allclose(r + t, f, atol=1e-6)
     flat = torch.nn.utils.parameters_to_vector
     assert torch.nn.functional.cosine_similarity(flat(g_a), flat(g_a_again), dim=0) == pytest.approx(1.0, abs=1e-4)
+    shares = lambda *grads: leas.optimizer_shares(*torch.tensor(grads))
+    same, apart = shares([1.0, 2.0], [1.0, 2.0]), shares([3.0, 0.0], [0.0, 4.0])
+    assert same["reasoning_share"] == 0.5 and same["tool_keeps"] == pytest.approx(0.5 ** 0.5)
+    assert apart["reasoning_share"] == pytest.approx(0.36) and apart["tool_keeps"] == apart["reasoning_keeps"] == 1
 
 
 def test_the_findings_are_stated_as_far_as_their_intervals_and_controls_go():
     """lambda23's seed interval (a t interval, none from one seed) reads as interference or synergy
-    only when it excludes zero. Cross-role cosines below both within-trajectory controls read as
-    'less aligned'; equal to them, as 'not less aligned', whatever the angle; and the controls' rows
+    only when it excludes zero. Cross-role cosines below both matched controls read as 'less aligned';
+    equal, as 'not less aligned', whatever the angle; above both, 'more aligned'; the controls' rows
     say 'control'."""
     mean, (lo, hi) = leas.seed_interval([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.30
     assert mean == 2.0 and np.isclose(hi - mean, 4.30 / np.sqrt(3)) and np.isclose(mean - lo, hi - mean)
@@ -1710,17 +1718,68 @@ def test_the_findings_are_stated_as_far_as_their_intervals_and_controls_go():
     assert leas.conclusion(1.0, (0.5, 1.5)).startswith("synergy")
     assert leas.conclusion(0.2, (-0.5, 0.9)).startswith("no conclusion")
     assert leas.conclusion(0.2, None).startswith("no conclusion")
-    def result(cross, reasoning_halves, tool_halves, n=30):
-        rows = {"cross_role": [cross] * n, "reasoning_halves": [reasoning_halves] * n, "tool_halves": [tool_halves] * n,
-                "reasoning_across": [0.3] * n, "tool_across": [0.1] * n}
-        return {"trajectories": n, "all": rows, "0": rows}
+    def result(cross, reasoning_control, tool_control, n=30):
+        rows = {"cross_role": [cross] * n, "reasoning_control": [reasoning_control] * n, "tool_control":
+                [tool_control] * n, "reasoning_across": np.full((n, n), 0.3), "tool_across": np.full((n, n), 0.1)}
+        return {"trajectories": n, "question": list(range(n)), "family": ["a"] * n, "m": [2] * n, "all": rows,
+                "0": rows}
     table = leas.gradient_table([result(0.0, 0.4, 0.2)])
     assert "finding: cross-role is less aligned than same-role within a trajectory" in table
     labels = [label for _, label in leas.GRADIENT_ROWS]
     assert [("control" in label) for label in labels] == [False, True, True, False, False]
     assert all(label in table for label in labels)
     assert "finding: cross-role is not less aligned" in leas.gradient_table([result(0.0, 0.0, 0.0)])
-    assert "less aligned than two halves of the reasoning tokens, not" in leas.gradient_table([result(0.1, 0.5, 0.1)])
+    assert "less aligned than two sets of the reasoning tokens, not" in leas.gradient_table([result(0.1, 0.5, 0.1)])
+    assert "finding: cross-role is more aligned" in leas.gradient_table([result(0.5, 0.1, 0.2)])
+
+
+def test_matched_controls_agree_with_cross_role_under_no_role_effect_and_name_a_planted_conflict():
+    """Per-token gradients, a shared mean plus noise, 20 reasoning and 8 tool tokens a trajectory. With
+    no role effect, cross-role on matched sets (m = 4) and both controls agree within 0.03 over 300
+    trajectories (+0.16 each), where the old sums (each role whole, halves of a role) read +0.36
+    against +0.33 and +0.16. With the roles' means moved apart (+d, -d), the finding names it."""
+    rng = np.random.default_rng(0)
+    mean, direction, reasoning = rng.normal(size=20), rng.normal(size=20), torch.arange(28) < 20
+    sign, cos = np.where(reasoning, 1.0, -1.0)[:, None], lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    def result(planted, n=300):
+        sums, old = [], []
+        for row in range(n):
+            tokens = mean + planted * sign * direction + 4 * rng.normal(size=(28, 20))
+            sets = leas.matched_subsets(reasoning, ~reasoning, torch.Generator().manual_seed(row))
+            sums.append(sets.numpy() @ tokens)
+            r, t = tokens[:20], tokens[20:]
+            old.append([cos(r.sum(0), t.sum(0)), cos(r[:10].sum(0), r[10:].sum(0)), cos(t[:4].sum(0), t[4:].sum(0))])
+        cosines = leas.matched_cosines({key: torch.tensor(np.stack(sums)[:, i]) for i, key in enumerate(leas.SETS)})
+        return {"trajectories": n, "question": list(range(n)), "family": ["lookup"] * n, "m": [4] * n,
+                "all": cosines}, np.mean(old, 0)
+
+    null, (old_cross, old_reasoning, old_tool) = result(0.0)
+    cross, reasoning_control, tool_control = (np.mean(null["all"][k]) for k, _ in leas.GRADIENT_ROWS[:3])
+    assert abs(cross - reasoning_control) < 0.03 and abs(cross - tool_control) < 0.03
+    assert old_cross - old_tool > 0.15 and old_cross > old_reasoning
+    assert "finding: cross-role is not less aligned" in leas.gradient_table([null])
+    assert "less aligned than same-role within a trajectory (both controls)" in leas.gradient_table([result(1.0)[0]])
+
+
+def test_the_across_trajectory_interval_covers_the_mean_pairwise_cosine_95_percent_of_the_time():
+    """40 trajectories (one a question), each a shared direction at a strength of its own plus noise:
+    over 200 simulations the jackknife interval covers the truth (the mean cosine of 20,000 pairs) in
+    88-99% of them; a bootstrap of the N(N-1) pair values as if independent, in under half."""
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=30) / np.sqrt(30)
+    unit = lambda g: g / np.linalg.norm(g, axis=-1, keepdims=True)
+    draw = lambda n: unit(2 * rng.normal(1, 1, size=(n, 1)) * direction + rng.normal(size=(n, 30)))
+    truth, covered = np.mean((draw(20000) * draw(20000)).sum(1)), []
+    for _ in range(200):
+        g = draw(40)
+        result = {"question": list(range(40)), "family": ["a"] * 40, "all": {"tool_across": g @ g.T}}
+        pairs, units = leas.pooled([result], "tool_across")
+        _, (lo, hi) = leas.mean_and_interval(pairs, units)
+        pair_lo, pair_hi = dart.bootstrap_interval(pairs[~np.isnan(pairs)], 100, rng)  # the old interval
+        covered.append((lo <= truth <= hi, pair_lo <= truth <= pair_hi))
+    jackknife, by_pairs = np.mean(covered, 0)
+    assert 0.88 <= jackknife <= 0.99 and by_pairs < 0.5
 
 
 def test_leas_end_to_end_writes_its_report_and_reuses_the_comparisons_runs(cfg_factory, tmp_path, monkeypatch,
