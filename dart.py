@@ -235,6 +235,7 @@ def lora_dropout_on(model):
             d.eval()
 # <<< DART layer
 
+import atexit
 import copy
 import dataclasses
 import hashlib
@@ -999,7 +1000,7 @@ def load_adapter_block(model, state, block, lora_rank):
 
 def atomic_write(path, write):
     """Write to a temporary file and rename: a run killed mid-write keeps the previous file."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)
 
@@ -1124,9 +1125,43 @@ def differing_setting(saved, cfg, may_differ):
                  if f.name not in may_differ and getattr(cfg, f.name) != getattr(saved, f.name)), None)
 
 
+def claim(run_dir):
+    """Make this process the one writer of a run folder until it exits: train, --resume, reuse and
+    leas.py claim each folder they touch. The claim is RUN.lock beside it, made with O_EXCL, holding
+    the pid (a torchrun job's rank 0 holds it for all of its processes); a dead process's is stale."""
+    lock = os.path.abspath(run_dir) + ".lock"
+    if holder := broadcast_from_first(lock_holder(lock) if process_rank() == 0 else None):
+        raise DartError(f"{run_dir} is in use by process {holder}; wait for it to end, or pass another folder "
+                        f"(if that process is gone, delete {lock})")
+
+
+def lock_holder(lock):
+    """None once `lock` is this process's (removed at its exit), else its live holder's pid and command."""
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    while True:
+        with contextlib.suppress(FileExistsError), open(lock, "x") as f:  # "x": O_EXCL, one process alone wins
+            f.write(f"{os.getpid()} ({' '.join(sys.argv)})")
+            atexit.register(os.remove, lock)
+            return None
+        with contextlib.suppress(FileNotFoundError), open(lock) as f:  # unless its holder just removed it
+            holder = f.read()
+            pid = int(holder.split()[0]) if holder[:1].isdigit() else None
+            if pid is None or pid == os.getpid() or process_alive(pid):  # this process's own: taken again
+                return None if pid == os.getpid() else holder or "(one that has not written its pid yet)"
+            os.remove(lock)  # stale: its process was killed before its exit
+
+
+def process_alive(pid):
+    try:
+        return os.kill(pid, 0) is None  # signal 0 only asks whether the process exists
+    except OSError as e:
+        return isinstance(e, PermissionError)  # it does, under another user
+
+
 def train_or_reuse(run):
     """Train `run` into run.out; reuse it when the folder holds it finished, and resume it when it
     stopped early. A folder holding a run with other settings is refused, not overwritten."""
+    claim(run.out)
     if os.path.exists(os.path.join(run.out, "metrics.jsonl")):
         saved = saved_config(run.out)
         if changed := differing_setting(saved, run, NOT_THE_RUN):
@@ -1212,8 +1247,10 @@ def train(cfg, report=True):
     if cfg.questions_per_step % process_count():
         raise DartError(f"--questions_per_step={cfg.questions_per_step} must be a multiple of the number of "
                         f"processes ({process_count()}): each process rolls out whole groups")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    cfg.out = broadcast_from_first(cfg.out or os.path.join("runs", f"{stamp}-{cfg.mode}-s{cfg.seed}"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # and the pid: two runs started in one second get two folders
+    cfg.out = broadcast_from_first(cfg.out or os.path.join("runs", f"{stamp}-{cfg.mode}-s{cfg.seed}-{os.getpid()}"))
+    autocast_dtypes(cfg, resolve_device(cfg))  # a missing device or a bad pair of dtypes: refused before the claim
+    claim(cfg.out)
     if not cfg.resume and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
         raise DartError(f"{cfg.out} already holds a run; continue it with --resume={cfg.out}, or pass another --out")
     cfg.cached_base = cfg.cached_base or os.path.abspath(base_path(cfg))  # recorded: a resumed run reuses this base
@@ -1628,7 +1665,7 @@ class Config:
     mode: str = option("dart", "which adapters write which tokens: " + ", ".join(MODES), one_of(*MODES))
     steps: int = option(80, "RL steps", at_least(1))
     seed: int = option(0, "seed of the adapters' initialization, the questions and the sampling", at_least(0))
-    out: str = option("", "run directory; default runs/<time>-<mode>-s<seed>")
+    out: str = option("", "run directory; default runs/<time>-<mode>-s<seed>-<pid>")
     resume: str = option("", "a run directory to continue from its last checkpoint")
     device: str = option("auto", "auto = cuda, else mps, else cpu", one_of("auto", "cpu", "cuda", "mps"))
     dtype: str = option("auto", "autocast of sampling and evaluation: auto = bfloat16 on a GPU that computes it "

@@ -1037,6 +1037,24 @@ def test_the_recorded_base_serves_resume_and_export_and_is_rebuilt_when_gone(cfg
     assert rebuilt == [recorded] and os.path.isfile(os.path.join(recorded, "base.json"))
 
 
+def test_a_run_folder_has_one_writer(tmp_path, monkeypatch):
+    """A command on a run folder that a live process has claimed is refused in one line naming it,
+    before anything is built; a dead process's claim is taken over. A default --out holds the pid:
+    two runs started in the same second never share a folder."""
+    import subprocess
+    monkeypatch.chdir(tmp_path)
+    nowhere = f"--model={tmp_path / 'no-such-model'}"  # a command that passes the claim stops at the model
+    pathlib.Path("run.lock").write_text("1 (python dart.py --compare)")  # pid 1 is always running
+    assert "run is in use by process 1 (python dart.py --compare)" in one_line_exit(dart.main, ["--out=run", nowhere])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    pathlib.Path("run.lock").write_text(f"{gone.pid} (python dart.py)")
+    assert "no-such-model" in one_line_exit(dart.main, ["--out=run", nowhere])
+    assert pathlib.Path("run.lock").read_text().startswith(f"{os.getpid()} (")  # held until this process exits
+    assert "no-such-model" in one_line_exit(dart.main, [nowhere])
+    assert [p.name for p in pathlib.Path("runs").iterdir()][0].endswith(f"-dart-s0-{os.getpid()}.lock")
+
+
 def test_format_health_and_the_no_signal_warning(cfg_factory, tmp_path, capsys):
     """A policy that never answers (two new tokens: no room for <answer>) gets a one-line warning
     after three steps of zero-variance groups; one step with a group that varies is enough signal."""
@@ -1459,7 +1477,7 @@ def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_fac
 
 def test_library_functions_raise_instead_of_exiting(cfg_factory, tmp_path):
     """Copied into another program, nothing calls sys.exit: errors are exceptions, and a failed
-    model load leaves no folder behind."""
+    model load leaves no folder behind (only the claim on it, held until the process exits)."""
     with pytest.raises(dart.DartError, match="no such directory"):
         dart.load_policy(cfg_factory(model=str(tmp_path / "no-such-model")))
     assert "no-such-model" in one_line_exit(dart.main, [f"--model={tmp_path / 'no-such-model'}",
@@ -1469,7 +1487,7 @@ def test_library_functions_raise_instead_of_exiting(cfg_factory, tmp_path):
     (garbage / "config.json").write_text("{not json")
     with pytest.raises(dart.DartError, match="cannot load --model"):
         dart.train(cfg_factory(model=str(garbage), out=str(tmp_path / "run")))
-    assert os.listdir(tmp_path) == ["garbage-model"]
+    assert sorted(os.listdir(tmp_path)) == ["garbage-model", "run.lock"]
     with pytest.raises(ValueError, match="no linear layer named"):
         dart.attach_dart(torch.nn.Sequential(torch.nn.Linear(2, 2)), targets=("q_proj",))
     with pytest.raises(dart.DartError, match="unknown option"):
