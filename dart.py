@@ -1732,7 +1732,8 @@ class Config:
     seeds: int = option(3, "--compare: seeds per mode", at_least(1))
     ranks: str = option("", "--compare: LoRA ranks to sweep, comma-separated, each with alpha/r as --alpha/--lora_rank "
                             "(default: --lora_rank alone)",
-                        comma_list(lambda rank: rank.isdigit() and int(rank) > 0, "positive integers", empty_ok=True))
+                        comma_list(lambda r: r.isascii() and r.isdigit() and r[0] != "0", "positive integers",
+                                   empty_ok=True))  # isascii: "²" is a digit to isdigit(), not to int()
     bench: bool = option(False, "measure the cost claims on one batch")
     export_peft: str = option("", "write this run directory's adapters as PEFT LoRA adapters (in RUN/peft)")
 
@@ -1768,6 +1769,9 @@ def check_config(cfg, where=""):
     commands = [name for name in ("compare", "bench", "export_peft", "resume") if getattr(cfg, name)]
     if len(commands) > 1:
         raise DartError(f"{where}--{commands[0]} and --{commands[1]} are separate commands; give one")
+    for name, items in (("modes", cfg.modes.split(",")), ("ranks", cfg.ranks.split(","))):
+        if twice := [item for item in items if items.count(item) > 1]:  # a rank twice: its runs as more seeds
+            raise DartError(f"{where}--{name} names {twice[0]} twice; name each once")
 
 
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -1794,6 +1798,9 @@ def parse_args(argv, defaults=None, names=None):
                             f"not {text!r}")
         setattr(cfg, key, value)
     check_config(cfg)
+    if isinstance(cfg, Config) and not cfg.compare and (loose := [a for a in argv if a.startswith(
+            ("--modes=", "--seeds=", "--ranks="))]):
+        raise DartError(f"{loose[0]} is an option of --compare: add --compare, or drop it")
     return cfg
 
 

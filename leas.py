@@ -411,6 +411,10 @@ def gradient_table(results, resamples=2000):
 # Putting it together
 
 
+# dart.py's options that name runs or commands: leas.py trains and reuses its own runs
+NOT_OURS = ("mode", "seed", "out", "resume", "compare", "modes", "ranks", "bench", "export_peft")
+
+
 def parse_command_line(argv):
     """Split the flags between LeasConfig and dart.Config; 'grad' selects the gradient part."""
     mine = [f.name for f in dataclasses.fields(LeasConfig)]
@@ -419,13 +423,14 @@ def parse_command_line(argv):
     if command not in ([], ["grad"]):
         raise DartError(f"unknown command {' '.join(command)!r}; the only command is 'grad'")
     flags = [a for a in argv if a.startswith("-")]
+    if ignored := [a for a in flags if a.removeprefix("--").partition("=")[0] in NOT_OURS]:
+        raise DartError(f"leas.py picks its runs itself (modes {', '.join(TRAINED)}, seeds 0 to --seeds - 1, at "
+                        f"--lora_rank, in --runs): drop {ignored[0]}")
     ours = [a for a in flags if a.removeprefix("--").partition("=")[0] in mine]
     lcfg = dart.parse_args(ours, LeasConfig(), names)
     cfg = dart.parse_args([a for a in flags if a not in ours], dart.Config(**TRAINING), names)
-    if cfg.mode != "dart":
-        raise DartError("leas.py chooses the modes itself; drop --mode")
-    if cfg.compare or cfg.bench or cfg.export_peft or cfg.resume:
-        raise DartError("leas.py trains and reuses its own runs: drop --compare, --bench, --export_peft and --resume")
+    if lcfg.runs and os.path.isfile(lcfg.runs):
+        raise DartError(f"--runs={lcfg.runs} is a file; pass the folder where the variants are trained or reused")
     tool_questions = 3 * lcfg.per_family  # every family but notool needs a tool
     if lcfg.grad_questions > tool_questions:
         raise DartError(f"--grad_questions must be at most the {tool_questions} test questions that need a tool "

@@ -1413,11 +1413,18 @@ BAD_COMMAND_LINES = [  # (main, argv, what the one line must say: a regular expr
     ("dart", ["--compare", "--bench"], "separate commands"),
     ("dart", ["--compare", "--modes=dart,jointt"], "comma-separated list"),
     ("dart", ["--compare", "--ranks=1,x"], "positive integers"),
+    ("dart", ["--compare", "--ranks=1,²"], "positive integers"),  # a digit to str.isdigit, not to int()
+    ("dart", ["--compare", "--ranks=1,1"], "names 1 twice"),  # one run would count as two seeds
+    ("dart", ["--compare", "--modes=joint,dart,dart"], "names dart twice"),
+    ("dart", ["--seeds=2"], "option of --compare"),  # a plain run would train one seed
     ("dart", ["--out=a-file"], "is a file"),
     ("dart", ["--resume=."], "not a run directory"),
     ("leas", ["gradient"], "grad"),
     ("leas", ["--sample=4"], "--samples"),  # names leas.py's options and dart.py's
     ("leas", ["--per_family=2", "--grad_questions=7"], "--grad_questions"),
+    ("leas", ["--ranks=1,2"], "drop --ranks"),  # options leas.py would ignore
+    ("leas", ["--out=elsewhere"], "drop --out"),
+    ("leas", ["grad", "--runs=a-file"], "is a file"),
 ] + [("dart", [f"--device={device}"], f"no {device} device") for device, there in (
     ("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if not there] + [
     # an out-of-range value names the option, what is allowed, and the value
