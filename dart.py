@@ -2066,10 +2066,11 @@ def compare_modes(cfg):
     device = resolve_device(cfg)
     # 1. every (rank, mode, seed) run, trained or reused
     results = {rank: {mode: [] for mode in modes} for rank in ranks}
-    for rank in ranks:
+    for rank in ranks:  # alpha/r kept: --alpha itself at --lora_rank, elsewhere rounded as a user would type it
+        alpha = cfg.alpha if rank == cfg.lora_rank else float(f"{scale * rank:.12g}")
         for seed in range(cfg.seeds):
             for mode in modes:
-                run = dataclasses.replace(cfg, mode=mode, seed=seed, lora_rank=rank, alpha=scale * rank, compare=False,
+                run = dataclasses.replace(cfg, mode=mode, seed=seed, lora_rank=rank, alpha=alpha, compare=False,
                                           out=os.path.join(out, f"r{rank}", f"{mode}-s{seed}"))
                 train_or_reuse(run)
                 results[rank][mode].append(run_summary(run.out) if process_rank() == 0 else None)
@@ -2093,8 +2094,8 @@ def compare_modes(cfg):
             rows = [(f"r={rank}", *mode_difference(results[rank], "dart", "joint")) for rank in ranks]
             sections.append("dart - joint against the LoRA rank, points (95% interval):\n" + interval_chart(rows))
     report = "\n\n".join(sections) + "\n"
-    # named by its ranks and modes, so that a comparison of other modes in the same runs folder keeps this one
-    name = os.path.join(out, f"compare-r{'-'.join(map(str, ranks))}-{'-'.join(modes)}")
+    # named by its ranks, modes and seeds, so that another comparison in the same runs folder keeps this one
+    name = os.path.join(out, f"compare-r{'-'.join(map(str, ranks))}-{'-'.join(modes)}-{cfg.seeds}seeds")
     with open(f"{name}.md", "w") as f:
         f.write(report)
     write_json(f"{name}.json", {"config": dataclasses.asdict(cfg),

@@ -438,6 +438,13 @@ def parse_command_line(argv):
     return cfg, lcfg, bool(command)
 
 
+def report_path(cfg, lcfg, grad_only):
+    """Beside the runs (whose folder fixes their settings), leas-<hash of this file's settings>.json, or
+    leas_grad-...: another --seeds, --samples, --per_family or --grad_* writes a report of its own."""
+    settings = {k: v for k, v in dataclasses.asdict(lcfg).items() if k != "runs"}
+    return os.path.join(runs_of(cfg, lcfg), f"leas{'_grad' if grad_only else ''}-{dart.short_hash(settings)}.json")
+
+
 def run_leas(cfg, lcfg, grad_only=False):
     world = toy_tasks.make_world()
     registry = tools.registry(world.kb)
@@ -463,7 +470,7 @@ def run_leas(cfg, lcfg, grad_only=False):
         report["gradients"].append(gradient_directions(joint, registry, cfg, lcfg, world))
     print("\n" + gradient_table(report["gradients"], lcfg.bootstrap))
     report["config"] = {"leas": dataclasses.asdict(lcfg), "train": dataclasses.asdict(cfg)}
-    path = os.path.join(runs_of(cfg, lcfg), "leas_grad.json" if grad_only else "leas.json")
+    path = report_path(cfg, lcfg, grad_only)
     dart.write_json(path, report)
     print(f"\nreport: {path}")
     return report

@@ -1138,17 +1138,17 @@ def test_paired_differences_the_sweep_table_and_its_chart():
 
 
 def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, monkeypatch, capsys):
-    """--compare --ranks trains each (rank, mode, seed) once, with alpha/r kept, prints a row per rank
-    and the chart; the same command again trains nothing, and one with another mode trains only it
-    and writes a report of its own beside the first."""
-    cfg = cfg_factory(compare=True, ranks="1,2", modes="joint,dart", seeds=1, steps=1, eval_every=1,
-                      eval_per_family=1, questions_per_step=1, out=str(tmp_path / "sweep"))
+    """--compare --ranks trains each (rank, mode, seed) once, with alpha/r kept (--alpha itself at
+    --lora_rank), prints a row per rank and the chart; the same command again trains nothing, and one
+    with another mode trains only it and writes a report of its own beside the first."""
+    cfg = cfg_factory(compare=True, ranks="1,3", modes="joint,dart", seeds=1, steps=1, eval_every=1, lora_rank=3,
+                      alpha=0.9, eval_per_family=1, questions_per_step=1, out=str(tmp_path / "sweep"))
     dart.compare_modes(cfg)
     printed = capsys.readouterr().out
     assert re.search(r"\| LoRA rank r \| +joint \| +dart \| +dart - joint \|", printed)
     assert "dart - joint against the LoRA rank" in printed
-    alpha = json.load(open(tmp_path / "sweep" / "r2" / "dart-s0" / "config.json"))["alpha"]
-    assert alpha == 2 * cfg.alpha / cfg.lora_rank  # alpha/r kept
+    alpha = lambda rank: json.load(open(tmp_path / "sweep" / f"r{rank}" / "dart-s0" / "config.json"))["alpha"]
+    assert (alpha(3), alpha(1)) == (0.9, 0.3)  # alpha/r kept, and --alpha exact (not 0.8999999999999999)
     monkeypatch.setattr(dart, "train", lambda run, report=True: pytest.fail("retrained"))
     dart.compare_modes(cfg)
     assert capsys.readouterr().out.count("reusing") == 4
@@ -1156,8 +1156,8 @@ def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, mo
     dart.compare_modes(dataclasses.replace(cfg, ranks="1", modes="joint,dart,joint2r"))
     assert capsys.readouterr().out.count("reusing") == 2
     reports = sorted(p.name for p in (tmp_path / "sweep").glob("compare-*"))  # the second report kept the first
-    assert reports == ["compare-r1-2-joint-dart.json", "compare-r1-2-joint-dart.md",
-                       "compare-r1-joint-dart-joint2r.json", "compare-r1-joint-dart-joint2r.md"]
+    assert reports == ["compare-r1-3-joint-dart-1seeds.json", "compare-r1-3-joint-dart-1seeds.md",
+                       "compare-r1-joint-dart-joint2r-1seeds.json", "compare-r1-joint-dart-joint2r-1seeds.md"]
 
 
 def test_bench_times_every_mode_and_the_engine(cfg_factory, capsys):
@@ -1731,7 +1731,9 @@ def test_leas_end_to_end_writes_its_report_and_reuses_the_comparisons_runs(cfg_f
     dart.compare_modes(dataclasses.replace(cfg, modes="joint", seeds=2))
     lcfg = leas.LeasConfig(seeds=2, samples=2, per_family=2, grad_questions=4, grad_rollouts=3, bootstrap=50)
     report = leas.run_leas(cfg, lcfg)
-    saved = json.load(open(os.path.join(dart.runs_folder(cfg), f"r{cfg.lora_rank}", "leas.json")))
+    path = leas.report_path(cfg, lcfg, grad_only=False)
+    assert path != leas.report_path(cfg, dataclasses.replace(lcfg, samples=3), grad_only=False)
+    saved = json.load(open(path))
     assert set(saved["effects"]) == set(leas.EFFECTS) and saved["kept"] + len(saved["dropped"]) == 8
     assert len(saved["per_seed"]) == 2 and saved["conclusion"] == report["conclusion"]
     assert [g["trajectories"] >= 2 for g in saved["gradients"]] == [True, True] and report["kept"] == saved["kept"]
