@@ -1013,10 +1013,20 @@ def write_json(path, value):
 
 
 def read_jsonl(path):
+    """A log's records, one a line; a last line cut by a kill during an append is dropped with a note."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:  # a kill cuts the last line only, and a resumed run rewrites the log
+            if i + 1 < len(lines):
+                raise DartError(f"{path} is damaged at line {i + 1} ({e})") from e
+            tqdm.write(f"note: dropped the half-written last line of {path}")
+    return records
 
 
 def save_checkpoint(run_dir, policy, optimizer, cfg, step):
@@ -1056,18 +1066,11 @@ def load_checkpoint(run_dir, policy, optimizer, cfg):
 def write_peft_adapters(run_dir):
     """A run's adapters as PEFT LoRA adapters, a folder per block (peft/reasoning and peft/tool, or
     peft/shared): with PEFT on the run's base, each gives DART's logits with every token in its role."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     cfg = saved_config(run_dir)
     if cfg.mode == "mixlora":
         raise DartError("mixlora's per-token soft router has no PEFT LoRA equivalent")
-    path = os.path.join(run_dir, "adapters.safetensors")
-    if not os.path.exists(path):
-        raise DartError(f"{run_dir} has no adapters.safetensors yet (the run saves them at its first checkpoint)")
-    try:
-        state = load_file(path)
-    except Exception as e:
-        raise DartError(f"cannot read {path} ({type(e).__name__}: {str(e)[:150]}); it is damaged: rerun or "
-                        f"resume the run to write it again") from e
+    state, path = load_adapters(run_dir), os.path.join(run_dir, "adapters.safetensors")
     names = ("reasoning", "tool") if BLOCK_GATES[cfg.mode] == BLOCK_GATES["dart"] else ("shared",)
     lora_rank = cfg.lora_rank * (2 if cfg.mode == "joint2r" else 1)  # joint2r: one rank-2r LoRA, scale alpha / 2r
     folders = []
@@ -1091,6 +1094,17 @@ def write_peft_adapters(run_dir):
             "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None})
         folders.append(folder)
     return folders
+
+
+def load_adapters(run_dir):
+    """A run's adapters.safetensors; a missing or damaged file is refused in one line that names it."""
+    from safetensors.torch import load_file
+    path = os.path.join(run_dir, "adapters.safetensors")
+    try:
+        return load_file(path)
+    except Exception as e:  # missing (a run writes it at its first checkpoint) or damaged
+        raise DartError(f"cannot read {path} ({type(e).__name__}: {str(e)[:150]}); resume the run if it is "
+                        f"unfinished, else delete its folder to train it again") from e
 
 
 def saved_config(run_dir):
@@ -1938,10 +1952,9 @@ def print_report(run_dir, table, curve, policy, registry, test, cfg):
 def run_summary(run_dir):
     """One finished run: its evaluations before RL (step 0), at the end and at their best, its
     parameter count, peak memory and speed."""
-    from safetensors.torch import load_file
     evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "test_acc" in r]
     speed = read_jsonl(os.path.join(run_dir, "speed.jsonl"))
-    params = sum(t.numel() for t in load_file(os.path.join(run_dir, "adapters.safetensors")).values())
+    params = sum(t.numel() for t in load_adapters(run_dir).values())
     rollout_s, update_s = sum(r["rollout_s"] for r in speed), sum(r["update_s"] for r in speed)
     return {"before": evals[0], "final": evals[-1], "best": max(evals, key=lambda r: r["test_acc"]),
             "params": params, "peak_mb": max(r["peak_mb"] for r in speed),

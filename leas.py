@@ -139,14 +139,13 @@ def runs_of(cfg, lcfg):
 
 def train_variants(cfg, lcfg, modes=TRAINED):
     """Adapters of every trained variant and seed: {(mode, seed): state}."""
-    from safetensors.torch import load_file
     states = {}
     for seed in range(lcfg.seeds):
         for mode in modes:
             out = os.path.join(runs_of(cfg, lcfg), f"{mode}-s{seed}")
             run = dataclasses.replace(cfg, mode=mode, seed=seed, out=out)
             dart.train_or_reuse(run)
-            states[mode, seed] = load_file(os.path.join(run.out, "adapters.safetensors"))
+            states[mode, seed] = dart.load_adapters(run.out)
     return states
 
 

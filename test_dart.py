@@ -1447,10 +1447,11 @@ def test_a_bad_command_line_is_refused_in_one_line_before_anything_is_built(main
     assert os.listdir(tmp_path) == ["a-file"]
 
 
-def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_factory, tmp_path):
+def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_factory, tmp_path, capsys):
     """Empty and corrupt run directories for --resume and --export_peft, a checkpoint of another mode
-    or rank or a damaged one, adapters that are not, an --out that holds a run, settings a --resume may
-    not change: one line each, and the files of the run stay as they were."""
+    or rank or a damaged one, adapters cut short, a damaged log, an --out that holds a run, settings a
+    --resume may not change: one line each, and the files of the run stay as
+    they were. A kill's half-written last line of a log is dropped, with a note."""
     run = dart.train(cfg_factory(out=str(tmp_path / "run"), steps=1, questions_per_step=1), report=False)
     files = {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run)}
     (tmp_path / "empty").mkdir()
@@ -1464,6 +1465,15 @@ def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_fac
     assert "already holds a run" in one_line_exit(dart.main, [f"--out={run}", f"--cache_dir={tmp_path}"])
     assert "--mode would change" in one_line_exit(dart.main, [f"--resume={run}", "--mode=joint"])
     assert "cosine" in one_line_exit(dart.main, [f"--resume={run}", "--steps=5"])  # would reshape the schedule
+    metrics = os.path.join(run, "metrics.jsonl")
+    open(metrics, "a").write('{"step": 1, "te')  # a kill during an append: dropped, and the finished run reused
+    dart.train_or_reuse(dart.saved_config(run))
+    assert "dropped the half-written last line" in capsys.readouterr().out
+    assert dart.run_summary(run)["final"]["step"] == 1
+    open(metrics, "w").write('{"step": 0, "te\n' + files["metrics.jsonl"].decode())  # not a kill's: refused
+    with pytest.raises(dart.DartError, match="metrics.jsonl is damaged at line 1"):
+        dart.run_summary(run)
+    open(metrics, "wb").write(files["metrics.jsonl"])
     checkpoint = os.path.join(run, "checkpoint.pt")
     saved = torch.load(io.BytesIO(files["checkpoint.pt"]), weights_only=True)
     other_mode = {**saved, "config": {**saved["config"], "mode": "two_agent"}}  # same shapes: only the config tells
@@ -1476,8 +1486,10 @@ def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_fac
             open(checkpoint, "wb").write(damage)
         assert says in one_line_exit(dart.main, [f"--resume={run}"])
     open(checkpoint, "wb").write(files["checkpoint.pt"])
-    open(os.path.join(run, "adapters.safetensors"), "wb").write(b"garbage")
+    open(os.path.join(run, "adapters.safetensors"), "wb").write(files["adapters.safetensors"][:-100])  # cut short
     assert "adapters.safetensors" in one_line_exit(dart.main, [f"--export_peft={run}"])
+    with pytest.raises(dart.DartError, match="adapters.safetensors"):
+        dart.run_summary(run)
     open(os.path.join(run, "adapters.safetensors"), "wb").write(files["adapters.safetensors"])
     assert {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run)} == files
 
