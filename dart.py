@@ -1054,6 +1054,8 @@ def load_checkpoint(run_dir, policy, optimizer, cfg):
         if changed := differing_setting(saved, cfg, RESUME_MAY_CHANGE):
             raise DartError(f"{path} holds adapters of another run (its --{changed} is {getattr(saved, changed)!r}, "
                             f"not {getattr(cfg, changed)!r}). {advice}")
+        if int(state["step"]) > cfg.steps:  # the loop would not run, and the run would pass for a shorter one
+            raise DartError(f"{path} is at step {state['step']}: --steps={cfg.steps} would end the run before it")
         load_trainable(policy.model, state["adapters"])
         optimizer.load_state_dict(state["optimizer"])
         return int(state["step"])
@@ -1127,9 +1129,9 @@ def saved_config(run_dir):
 NOT_THE_RUN = {"out", "resume", "cached_base", "cache_dir", "compare", "modes", "seeds", "ranks", "bench",
                "export_peft"}
 # what a --resume may change besides: the length (under a constant learning rate), how often to evaluate and save,
-# where and in what precision to compute, the micro-batch
-RESUME_MAY_CHANGE = NOT_THE_RUN | {"steps", "eval_every", "eval_per_family", "save_every", "device", "dtype",
-                                   "train_dtype", "micro_batch"}
+# where and in what precision to compute, the micro-batch; never the base or the test set
+RESUME_MAY_CHANGE = NOT_THE_RUN - {"cached_base"} | {"steps", "eval_every", "save_every", "device", "dtype",
+                                                     "train_dtype", "micro_batch"}
 
 
 def differing_setting(saved, cfg, may_differ):
@@ -1173,12 +1175,13 @@ def process_alive(pid):
 
 
 def train_or_reuse(run):
-    """Train `run` into run.out; reuse it when the folder holds it finished, and resume it when it
-    stopped early. A folder holding a run with other settings is refused, not overwritten."""
+    """Train `run` into run.out; reuse it when the folder holds it finished, and resume it on its own
+    base when it stopped early. A folder holding a run with other settings is refused, not overwritten."""
     claim(run.out)
     if os.path.exists(os.path.join(run.out, "metrics.jsonl")):
         saved = saved_config(run.out)
-        if changed := differing_setting(saved, run, NOT_THE_RUN):
+        run = dataclasses.replace(run, cached_base=run.cached_base or saved.cached_base)
+        if changed := differing_setting(saved, run, NOT_THE_RUN - {"cached_base"}):
             raise DartError(f"{run.out} holds a run with --{changed}={getattr(saved, changed)!r}, not "
                             f"{getattr(run, changed)!r}: pass another folder, or the settings it was made with")
         if any(r["step"] == run.steps and "test_acc" in r for r in read_jsonl(os.path.join(run.out, "metrics.jsonl"))):

@@ -138,15 +138,19 @@ def runs_of(cfg, lcfg):
 
 
 def train_variants(cfg, lcfg, modes=TRAINED):
-    """Adapters of every trained variant and seed: {(mode, seed): state}."""
-    states = {}
+    """Adapters of every trained variant and seed, {(mode, seed): state}, and the base they were
+    trained on: one for all, since the hybrids put two runs' adapters on one base."""
+    states, bases = {}, set()
     for seed in range(lcfg.seeds):
         for mode in modes:
             out = os.path.join(runs_of(cfg, lcfg), f"{mode}-s{seed}")
-            run = dataclasses.replace(cfg, mode=mode, seed=seed, out=out)
-            dart.train_or_reuse(run)
-            states[mode, seed] = dart.load_adapters(run.out)
-    return states
+            dart.train_or_reuse(dataclasses.replace(cfg, mode=mode, seed=seed, out=out))
+            states[mode, seed] = dart.load_adapters(out)
+            bases.add(dart.saved_config(out).cached_base)
+    if len(bases) > 1:
+        raise DartError(f"the runs in {runs_of(cfg, lcfg)} were trained on {len(bases)} different bases "
+                        f"({', '.join(sorted(bases))}); train them all on one (pass --runs=another folder)")
+    return states, bases.pop()
 
 
 def place_variant(policy, states, variant, seed):
@@ -447,9 +451,10 @@ def report_path(cfg, lcfg, grad_only):
 def run_leas(cfg, lcfg, grad_only=False):
     world = toy_tasks.make_world()
     registry = tools.registry(world.kb)
-    states = train_variants(cfg, lcfg, ("joint",) if grad_only else TRAINED)
+    states, base = train_variants(cfg, lcfg, ("joint",) if grad_only else TRAINED)
     if dart.process_rank() > 0:
         return {}  # under torchrun the variants train data-parallel; sampling and fitting run in rank 0
+    cfg = dataclasses.replace(cfg, cached_base=base)  # sampled on the base the variants were trained on
     report = {}
     if not grad_only:
         policy = dart.load_policy(dataclasses.replace(cfg, mode="dart"))

@@ -1005,10 +1005,11 @@ def test_a_resumed_optimizer_state_lives_where_a_fresh_ones_does(make_policy, tm
 
 
 def test_the_recorded_base_serves_resume_and_export_and_is_rebuilt_when_gone(cfg_factory, tmp_path, monkeypatch):
-    """config.json records the cached base a run trained on: --export_peft and --resume use it even
-    when today's settings would name another one (as the warm-start dtype does on another device).
-    Once it is deleted, --export_peft still writes the adapters (it needs no base), a finished run is
-    still reused, and --resume rebuilds the base where it was, from the run's own settings."""
+    """config.json records the cached base a run trained on: --export_peft, --resume and the reuse of an
+    unfinished run use it even when today's settings would name another one (as the warm-start dtype
+    does on another device), and a command naming another is refused; --resume refuses --steps below
+    its checkpoint's. Once the base is deleted, --export_peft still writes the adapters (it needs no
+    base), a finished run is still reused, and --resume rebuilds the base where it was."""
     cache = tmp_path / "cache"
     shutil.copytree(cfg_factory().cache_dir, cache)
     run = dart.train(cfg_factory(out=str(tmp_path / "run"), cache_dir=str(cache), lr_schedule="constant", **SHORT),
@@ -1016,12 +1017,22 @@ def test_the_recorded_base_serves_resume_and_export_and_is_rebuilt_when_gone(cfg
     recorded = json.load(open(os.path.join(run, "config.json")))["cached_base"]
     with monkeypatch.context() as elsewhere:
         elsewhere.setattr(dart, "base_path", lambda cfg: str(tmp_path / "another-base"))
+        elsewhere.setattr(dart, "build_base", lambda cfg, device: pytest.fail("built another base"))
         dart.main([f"--export_peft={run}"])
         assert json.load(open(os.path.join(run, "peft", "reasoning", "adapter_config.json")))[
             "base_model_name_or_path"] == recorded
         dart.main([f"--resume={run}", "--steps=5"])  # a constant learning rate lets a run go on
-        assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == list(range(6))
-        assert not os.path.exists(tmp_path / "another-base")
+        metrics = os.path.join(run, "metrics.jsonl")
+        assert [json.loads(line)["step"] for line in open(metrics)] == list(range(6))
+        assert "at step 5" in one_line_exit(dart.main, [f"--resume={run}", "--steps=4"])  # shorter than done
+        assert "--cached_base would change" in one_line_exit(dart.main, [f"--resume={run}", f"--cached_base={cache}"])
+        lines = open(metrics).readlines()
+        open(metrics, "w").writelines(lines[:-1])  # as if it had stopped before its last evaluation
+        unfinished = dataclasses.replace(dart.saved_config(run), cached_base="")  # as --compare and leas.py pass it
+        dart.train_or_reuse(unfinished)  # resumed on its own base
+        assert [json.loads(line)["step"] for line in open(metrics)] == list(range(6))
+        with pytest.raises(dart.DartError, match="--cached_base="):
+            dart.train_or_reuse(dataclasses.replace(unfinished, cached_base=str(cache)))
     kept = shutil.move(recorded, tmp_path / "kept-base")
     dart.main([f"--export_peft={run}"])
     dart.train_or_reuse(dart.saved_config(run))  # a finished run: reused, not retrained
@@ -1450,7 +1461,7 @@ def test_a_bad_command_line_is_refused_in_one_line_before_anything_is_built(main
 def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_factory, tmp_path, capsys):
     """Empty and corrupt run directories for --resume and --export_peft, a checkpoint of another mode
     or rank or a damaged one, adapters cut short, a damaged log, an --out that holds a run, settings a
-    --resume may not change: one line each, and the files of the run stay as
+    --resume may not change (the test set among them): one line each, and the files of the run stay as
     they were. A kill's half-written last line of a log is dropped, with a note."""
     run = dart.train(cfg_factory(out=str(tmp_path / "run"), steps=1, questions_per_step=1), report=False)
     files = {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run)}
@@ -1465,6 +1476,7 @@ def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_fac
     assert "already holds a run" in one_line_exit(dart.main, [f"--out={run}", f"--cache_dir={tmp_path}"])
     assert "--mode would change" in one_line_exit(dart.main, [f"--resume={run}", "--mode=joint"])
     assert "cosine" in one_line_exit(dart.main, [f"--resume={run}", "--steps=5"])  # would reshape the schedule
+    assert "--eval_per_family would change" in one_line_exit(dart.main, [f"--resume={run}", "--eval_per_family=3"])
     metrics = os.path.join(run, "metrics.jsonl")
     open(metrics, "a").write('{"step": 1, "te')  # a kill during an append: dropped, and the finished run reused
     dart.train_or_reuse(dart.saved_config(run))
@@ -1746,6 +1758,8 @@ def test_leas_end_to_end_writes_its_report_and_reuses_the_comparisons_runs(cfg_f
     path = leas.report_path(cfg, lcfg, grad_only=False)
     assert path != leas.report_path(cfg, dataclasses.replace(lcfg, samples=3), grad_only=False)
     saved = json.load(open(path))
+    joint = json.load(open(os.path.join(dart.runs_folder(cfg), f"r{cfg.lora_rank}", "joint-s0", "config.json")))
+    assert saved["config"]["train"]["cached_base"] == joint["cached_base"]  # sampled on the runs' own base
     assert set(saved["effects"]) == set(leas.EFFECTS) and saved["kept"] + len(saved["dropped"]) == 8
     assert len(saved["per_seed"]) == 2 and saved["conclusion"] == report["conclusion"]
     assert [g["trajectories"] >= 2 for g in saved["gradients"]] == [True, True] and report["kept"] == saved["kept"]
