@@ -1584,8 +1584,9 @@ def load_base(cfg, device="cpu"):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_json(os.path.join(tmp, "base.json"), base_key(cfg))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)  # a half-written cache is never mistaken for a finished one
+        with contextlib.suppress(OSError):  # it fails when another process has just cached this base
+            os.rename(tmp, path)  # a half-written cache is never mistaken for a finished one
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, then: theirs stays, as that process may be loading it
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
     except Exception as e:

@@ -1310,6 +1310,24 @@ def test_lora_warm_start_leaves_a_plain_model_that_computes_what_its_trained_cop
             assert not torch.equal(p, before[name]), name  # every linear layer got its LoRA merged
 
 
+def test_a_base_another_process_has_just_cached_is_kept(cfg_factory, tmp_path, monkeypatch):
+    """Two processes building one base: the second to finish keeps the first's, which that process may
+    be loading, and drops its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ours = dart.base_path(cfg_factory())
+    dart.load_base(cfg_factory())
+    cfg = cfg_factory(cache_dir=str(tmp_path))
+    theirs = dart.base_path(cfg)
+
+    def build_while_another_caches_it(cfg, device):
+        shutil.copytree(ours, theirs)
+        pathlib.Path(theirs, "theirs").touch()
+        return AutoModelForCausalLM.from_pretrained(ours), AutoTokenizer.from_pretrained(ours)
+    monkeypatch.setattr(dart, "build_base", build_while_another_caches_it)
+    dart.load_base(cfg)
+    assert os.listdir(tmp_path) == [os.path.basename(theirs)] and os.path.exists(os.path.join(theirs, "theirs"))
+
+
 def test_a_model_without_the_target_linears_is_refused_before_its_warm_start(small_hf_folder, tmp_path, monkeypatch):
     """GPT-2 computes with Conv1D, not nn.Linear: a --targets it lacks is refused right after the model
     loads, and the LoRA warm start, which needs q_proj ... down_proj, says to train all weights."""
