@@ -1205,15 +1205,15 @@ NO_SIGNAL_STEPS = 3
 
 
 def no_signal_warning(history):
-    """One line, or None: when every group of the first NO_SIGNAL_STEPS steps had equal rewards,
-    every advantage was zero and nothing was learned, and the policy has not changed."""
-    steps = [r for r in history if "zero_variance_groups" in r][:NO_SIGNAL_STEPS]
+    """One line, or None: when every group of the last NO_SIGNAL_STEPS steps had equal rewards, every
+    advantage was zero and nothing was learned in them, at the start of a run or later."""
+    steps = [r for r in history if "zero_variance_groups" in r][-NO_SIGNAL_STEPS:]
     if len(steps) < NO_SIGNAL_STEPS or any(r["zero_variance_groups"] < 1 for r in steps):
         return None
     if all(r["accuracy"] == 1 for r in steps):
-        return (f"warning: no learning signal: every rollout of the first {NO_SIGNAL_STEPS} steps was right, so "
+        return (f"warning: no learning signal: every rollout of the last {NO_SIGNAL_STEPS} steps was right, so "
                 f"every advantage is 0; the task is too easy for this model.")
-    return (f"warning: no learning signal: in the first {NO_SIGNAL_STEPS} steps all rollouts of each question got "
+    return (f"warning: no learning signal: in the last {NO_SIGNAL_STEPS} steps all rollouts of each question got "
             f"the same reward ({np.mean([r['accuracy'] for r in steps]):.0%} right, "
             f"{np.mean([r['answered'] for r in steps]):.0%} with a well-formed <answer>), so every advantage is 0 "
             f"and nothing is learned. Give the model the format first (--warm_steps=N steps of supervised "
@@ -1250,7 +1250,7 @@ class RunFiles:
         if not self.writes:
             return
         self.history.append(record)
-        if record["step"] == NO_SIGNAL_STEPS - 1 and (warning := no_signal_warning(self.history)):
+        if (warning := no_signal_warning(self.history)) and not no_signal_warning(self.history[:-1]):  # once a loss
             tqdm.write(warning)
         self.append("metrics.jsonl", record)
         if speed is not None:
