@@ -21,7 +21,7 @@ token to exactly one of them. This file is the whole method, in the order to rea
 
     python dart.py                        # tiny model, a few minutes on 2 CPU cores
     python dart.py --mode=joint --steps=50
-    python dart.py --model=Qwen/Qwen2.5-0.5B-Instruct --device=cuda
+    python dart.py --model=Qwen/Qwen2.5-0.5B-Instruct --device=cuda   # never run: no GPU was available
 """
 # >>> DART layer
 # Token roles and the DART layer. The lines between the two marker lines need torch alone:
@@ -1705,7 +1705,7 @@ class Config:
     temperature: float = option(1.0, "sampling temperature; log-probs use the same", above(0))
     clip_eps: float = option(0.2, "PPO clip range of the ratio", between(0, 1))
     kl_beta: float = option(0.01, "weight of the k3 KL to the adapters-off reference (0 = skip it)", at_least(0))
-    scale_std: bool = option(True, "divide advantages by the group std (false = Dr. GRPO)")
+    scale_std: bool = option(True, "divide advantages by the group std (false, with --loss_agg=dr_grpo: Dr. GRPO)")
     loss_agg: str = option("token_mean", "token_mean | seq_mean | dr_grpo", one_of("token_mean", "seq_mean", "dr_grpo"))
     updates_per_batch: int = option(1, "> 1 makes the clipping matter; 1 = REINFORCE with a group baseline",
                                     at_least(1))
