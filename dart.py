@@ -21,7 +21,7 @@ token to exactly one of them. This file is the whole method, in the order to rea
 
     python dart.py                        # tiny model, a few minutes on 2 CPU cores
     python dart.py --mode=joint --steps=50
-    python dart.py --model=Qwen/Qwen2.5-0.5B-Instruct --device=cuda
+    python dart.py --model=Qwen/Qwen2.5-0.5B-Instruct --device=cuda   # never run: no GPU was available
 """
 # >>> DART layer
 # Token roles and the DART layer. The lines between the two marker lines need torch alone:
@@ -235,6 +235,7 @@ def lora_dropout_on(model):
             d.eval()
 # <<< DART layer
 
+import atexit
 import copy
 import dataclasses
 import hashlib
@@ -1004,7 +1005,7 @@ def load_adapter_block(model, state, block, lora_rank):
 
 def atomic_write(path, write):
     """Write to a temporary file and rename: a run killed mid-write keeps the previous file."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)
 
@@ -1017,10 +1018,20 @@ def write_json(path, value):
 
 
 def read_jsonl(path):
+    """A log's records, one a line; a last line cut by a kill during an append is dropped with a note."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:  # a kill cuts the last line only, and a resumed run rewrites the log
+            if i + 1 < len(lines):
+                raise DartError(f"{path} is damaged at line {i + 1} ({e})") from e
+            tqdm.write(f"note: dropped the half-written last line of {path}")
+    return records
 
 
 def save_checkpoint(run_dir, policy, optimizer, cfg, step):
@@ -1048,6 +1059,8 @@ def load_checkpoint(run_dir, policy, optimizer, cfg):
         if changed := differing_setting(saved, cfg, RESUME_MAY_CHANGE):
             raise DartError(f"{path} holds adapters of another run (its --{changed} is {getattr(saved, changed)!r}, "
                             f"not {getattr(cfg, changed)!r}). {advice}")
+        if int(state["step"]) > cfg.steps:  # the loop would not run, and the run would pass for a shorter one
+            raise DartError(f"{path} is at step {state['step']}: --steps={cfg.steps} would end the run before it")
         load_trainable(policy.model, state["adapters"])
         optimizer.load_state_dict(state["optimizer"])
         return int(state["step"])
@@ -1060,18 +1073,11 @@ def load_checkpoint(run_dir, policy, optimizer, cfg):
 def write_peft_adapters(run_dir):
     """A run's adapters as PEFT LoRA adapters, a folder per block (peft/reasoning and peft/tool, or
     peft/shared): with PEFT on the run's base, each gives DART's logits with every token in its role."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     cfg = saved_config(run_dir)
     if cfg.mode == "mixlora":
         raise DartError("mixlora's per-token soft router has no PEFT LoRA equivalent")
-    path = os.path.join(run_dir, "adapters.safetensors")
-    if not os.path.exists(path):
-        raise DartError(f"{run_dir} has no adapters.safetensors yet (the run saves them at its first checkpoint)")
-    try:
-        state = load_file(path)
-    except Exception as e:
-        raise DartError(f"cannot read {path} ({type(e).__name__}: {str(e)[:150]}); it is damaged: rerun or "
-                        f"resume the run to write it again") from e
+    state, path = load_adapters(run_dir), os.path.join(run_dir, "adapters.safetensors")
     names = ("reasoning", "tool") if BLOCK_GATES[cfg.mode] == BLOCK_GATES["dart"] else ("shared",)
     lora_rank = cfg.lora_rank * (2 if cfg.mode == "joint2r" else 1)  # joint2r: one rank-2r LoRA, scale alpha / 2r
     folders = []
@@ -1097,6 +1103,17 @@ def write_peft_adapters(run_dir):
     return folders
 
 
+def load_adapters(run_dir):
+    """A run's adapters.safetensors; a missing or damaged file is refused in one line that names it."""
+    from safetensors.torch import load_file
+    path = os.path.join(run_dir, "adapters.safetensors")
+    try:
+        return load_file(path)
+    except Exception as e:  # missing (a run writes it at its first checkpoint) or damaged
+        raise DartError(f"cannot read {path} ({type(e).__name__}: {str(e)[:150]}); resume the run if it is "
+                        f"unfinished, else delete its folder to train it again") from e
+
+
 def saved_config(run_dir):
     """The Config a run directory's config.json holds, checked as the command line is."""
     path = os.path.join(run_dir, "config.json")
@@ -1117,9 +1134,9 @@ def saved_config(run_dir):
 NOT_THE_RUN = {"out", "resume", "cached_base", "cache_dir", "compare", "modes", "seeds", "ranks", "bench",
                "export_peft"}
 # what a --resume may change besides: the length (under a constant learning rate), how often to evaluate and save,
-# where and in what precision to compute, the micro-batch
-RESUME_MAY_CHANGE = NOT_THE_RUN | {"steps", "eval_every", "eval_per_family", "save_every", "device", "dtype",
-                                   "train_dtype", "micro_batch"}
+# where and in what precision to compute, the micro-batch; never the base or the test set
+RESUME_MAY_CHANGE = NOT_THE_RUN - {"cached_base"} | {"steps", "eval_every", "save_every", "device", "dtype",
+                                                     "train_dtype", "micro_batch"}
 
 
 def differing_setting(saved, cfg, may_differ):
@@ -1129,13 +1146,48 @@ def differing_setting(saved, cfg, may_differ):
                  if f.name not in may_differ and getattr(cfg, f.name) != getattr(saved, f.name)), None)
 
 
+def claim(run_dir):
+    """Make this process the one writer of a run folder until it exits: train, --resume, reuse and
+    leas.py claim each folder they touch. The claim is RUN.lock beside it, made with O_EXCL, holding
+    the pid (a torchrun job's rank 0 holds it for all of its processes); a dead process's is stale."""
+    lock = os.path.abspath(run_dir) + ".lock"
+    if holder := broadcast_from_first(lock_holder(lock) if process_rank() == 0 else None):
+        raise DartError(f"{run_dir} is in use by process {holder}; wait for it to end, or pass another folder "
+                        f"(if that process is gone, delete {lock})")
+
+
+def lock_holder(lock):
+    """None once `lock` is this process's (removed at its exit), else its live holder's pid and command."""
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    while True:
+        with contextlib.suppress(FileExistsError), open(lock, "x") as f:  # "x": O_EXCL, one process alone wins
+            f.write(f"{os.getpid()} ({' '.join(sys.argv)})")
+            atexit.register(os.remove, lock)
+            return None
+        with contextlib.suppress(FileNotFoundError), open(lock) as f:  # unless its holder just removed it
+            holder = f.read()
+            pid = int(holder.split()[0]) if holder[:1].isdigit() else None
+            if pid is None or pid == os.getpid() or process_alive(pid):  # this process's own: taken again
+                return None if pid == os.getpid() else holder or "(one that has not written its pid yet)"
+            os.remove(lock)  # stale: its process was killed before its exit
+
+
+def process_alive(pid):
+    try:
+        return os.kill(pid, 0) is None  # signal 0 only asks whether the process exists
+    except OSError as e:
+        return isinstance(e, PermissionError)  # it does, under another user
+
+
 def train_or_reuse(run):
-    """Train `run` into run.out; reuse it when the folder holds it finished, and resume it when it
-    stopped early. A folder holding a run with other settings is refused, not overwritten."""
+    """Train `run` into run.out; reuse it when the folder holds it finished, and resume it on its own
+    base when it stopped early. A folder holding a run with other settings is refused, not overwritten."""
     run = resolved(run)
+    claim(run.out)
     if os.path.exists(os.path.join(run.out, "metrics.jsonl")):
         saved = saved_config(run.out)
-        if changed := differing_setting(saved, run, NOT_THE_RUN):
+        run = dataclasses.replace(run, cached_base=run.cached_base or saved.cached_base)
+        if changed := differing_setting(saved, run, NOT_THE_RUN - {"cached_base"}):
             raise DartError(f"{run.out} holds a run with --{changed}={getattr(saved, changed)!r}, not "
                             f"{getattr(run, changed)!r}: pass another folder, or the settings it was made with")
         if any(r["step"] == run.steps and "test_acc" in r for r in read_jsonl(os.path.join(run.out, "metrics.jsonl"))):
@@ -1161,15 +1213,15 @@ NO_SIGNAL_STEPS = 3
 
 
 def no_signal_warning(history):
-    """One line, or None: when every group of the first NO_SIGNAL_STEPS steps had equal rewards,
-    every advantage was zero and nothing was learned, and the policy has not changed."""
-    steps = [r for r in history if "zero_variance_groups" in r][:NO_SIGNAL_STEPS]
+    """One line, or None: when every group of the last NO_SIGNAL_STEPS steps had equal rewards, every
+    advantage was zero and nothing was learned in them, at the start of a run or later."""
+    steps = [r for r in history if "zero_variance_groups" in r][-NO_SIGNAL_STEPS:]
     if len(steps) < NO_SIGNAL_STEPS or any(r["zero_variance_groups"] < 1 for r in steps):
         return None
     if all(r["accuracy"] == 1 for r in steps):
-        return (f"warning: no learning signal: every rollout of the first {NO_SIGNAL_STEPS} steps was right, so "
+        return (f"warning: no learning signal: every rollout of the last {NO_SIGNAL_STEPS} steps was right, so "
                 f"every advantage is 0; the task is too easy for this model.")
-    return (f"warning: no learning signal: in the first {NO_SIGNAL_STEPS} steps all rollouts of each question got "
+    return (f"warning: no learning signal: in the last {NO_SIGNAL_STEPS} steps all rollouts of each question got "
             f"the same reward ({np.mean([r['accuracy'] for r in steps]):.0%} right, "
             f"{np.mean([r['answered'] for r in steps]):.0%} with a well-formed <answer>), so every advantage is 0 "
             f"and nothing is learned. Give the model the format first (--warm_steps=N steps of supervised "
@@ -1206,7 +1258,7 @@ class RunFiles:
         if not self.writes:
             return
         self.history.append(record)
-        if record["step"] == NO_SIGNAL_STEPS - 1 and (warning := no_signal_warning(self.history)):
+        if (warning := no_signal_warning(self.history)) and not no_signal_warning(self.history[:-1]):  # once a loss
             tqdm.write(warning)
         self.append("metrics.jsonl", record)
         if speed is not None:
@@ -1221,8 +1273,10 @@ def train(cfg, report=True):
     if cfg.questions_per_step % process_count():
         raise DartError(f"--questions_per_step={cfg.questions_per_step} must be a multiple of the number of "
                         f"processes ({process_count()}): each process rolls out whole groups")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    cfg.out = broadcast_from_first(cfg.out or os.path.join("runs", f"{stamp}-{cfg.mode}-s{cfg.seed}"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # and the pid: two runs started in one second get two folders
+    cfg.out = broadcast_from_first(cfg.out or os.path.join("runs", f"{stamp}-{cfg.mode}-s{cfg.seed}-{os.getpid()}"))
+    autocast_dtypes(cfg, resolve_device(cfg))  # a missing device or a bad pair of dtypes: refused before the claim
+    claim(cfg.out)
     if not cfg.resume and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
         raise DartError(f"{cfg.out} already holds a run; continue it with --resume={cfg.out}, or pass another --out")
     cfg.cached_base = cfg.cached_base or os.path.abspath(base_path(cfg))  # recorded: a resumed run reuses this base
@@ -1539,8 +1593,9 @@ def load_base(cfg, device="cpu"):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_json(os.path.join(tmp, "base.json"), base_key(cfg))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)  # a half-written cache is never mistaken for a finished one
+        with contextlib.suppress(OSError):  # it fails when another process has just cached this base
+            os.rename(tmp, path)  # a half-written cache is never mistaken for a finished one
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, then: theirs stays, as that process may be loading it
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -1652,7 +1707,7 @@ class Config:
     mode: str = option("dart", "which adapters write which tokens: " + ", ".join(MODES), one_of(*MODES))
     steps: int = option(80, "RL steps", at_least(1))
     seed: int = option(0, "seed of the adapters' initialization, the questions and the sampling", at_least(0))
-    out: str = option("", "run directory; default runs/<time>-<mode>-s<seed>")
+    out: str = option("", "run directory; default runs/<time>-<mode>-s<seed>-<pid>")
     resume: str = option("", "a run directory to continue from its last checkpoint")
     device: str = option("auto", "auto = cuda, else mps, else cpu", one_of("auto", "cpu", "cuda", "mps"))
     dtype: str = option("auto", "autocast of sampling and evaluation: auto = bfloat16 on a GPU that computes it "
@@ -1674,7 +1729,7 @@ class Config:
     temperature: float = option(1.0, "sampling temperature; log-probs use the same", above(0))
     clip_eps: float = option(0.2, "PPO clip range of the ratio", between(0, 1))
     kl_beta: float = option(0.01, "weight of the k3 KL to the adapters-off reference (0 = skip it)", at_least(0))
-    scale_std: bool = option(True, "divide advantages by the group std (false = Dr. GRPO)")
+    scale_std: bool = option(True, "divide advantages by the group std (false, with --loss_agg=dr_grpo: Dr. GRPO)")
     loss_agg: str = option("token_mean", "token_mean | seq_mean | dr_grpo", one_of("token_mean", "seq_mean", "dr_grpo"))
     updates_per_batch: int = option(1, "> 1 makes the clipping matter; 1 = REINFORCE with a group baseline",
                                     at_least(1))
@@ -1725,7 +1780,8 @@ class Config:
     seeds: int = option(3, "--compare: seeds per mode", at_least(1))
     ranks: str = option("", "--compare: LoRA ranks to sweep, comma-separated, each with alpha/r as --alpha/--lora_rank "
                             "(default: --lora_rank alone)",
-                        comma_list(lambda rank: rank.isdigit() and int(rank) > 0, "positive integers", empty_ok=True))
+                        comma_list(lambda r: r.isascii() and r.isdigit() and r[0] != "0", "positive integers",
+                                   empty_ok=True))  # isascii: "²" is a digit to isdigit(), not to int()
     bench: bool = option(False, "measure the cost claims on one batch")
     export_peft: str = option("", "write this run directory's adapters as PEFT LoRA adapters (in RUN/peft)")
 
@@ -1761,6 +1817,9 @@ def check_config(cfg, where=""):
     commands = [name for name in ("compare", "bench", "export_peft", "resume") if getattr(cfg, name)]
     if len(commands) > 1:
         raise DartError(f"{where}--{commands[0]} and --{commands[1]} are separate commands; give one")
+    for name, items in (("modes", cfg.modes.split(",")), ("ranks", cfg.ranks.split(","))):
+        if twice := [item for item in items if items.count(item) > 1]:  # a rank twice: its runs as more seeds
+            raise DartError(f"{where}--{name} names {twice[0]} twice; name each once")
 
 
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -1787,6 +1846,9 @@ def parse_args(argv, defaults=None, names=None):
                             f"not {text!r}")
         setattr(cfg, key, value)
     check_config(cfg)
+    if isinstance(cfg, Config) and not cfg.compare and (loose := [a for a in argv if a.startswith(
+            ("--modes=", "--seeds=", "--ranks="))]):
+        raise DartError(f"{loose[0]} is an option of --compare: add --compare, or drop it")
     return cfg
 
 
@@ -1924,10 +1986,9 @@ def print_report(run_dir, table, curve, policy, registry, test, cfg):
 def run_summary(run_dir):
     """One finished run: its evaluations (all; before RL, step 0; at the end; at their best), its
     parameter count, peak memory and speed."""
-    from safetensors.torch import load_file
     evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "test_acc" in r]
     speed = read_jsonl(os.path.join(run_dir, "speed.jsonl"))
-    params = sum(t.numel() for t in load_file(os.path.join(run_dir, "adapters.safetensors")).values())
+    params = sum(t.numel() for t in load_adapters(run_dir).values())
     rollout_s, update_s = sum(r["rollout_s"] for r in speed), sum(r["update_s"] for r in speed)
     return {"evals": evals, "before": evals[0], "final": evals[-1], "best": max(evals, key=lambda r: r["test_acc"]),
             "params": params, "peak_mb": max(r["peak_mb"] for r in speed),
@@ -2063,10 +2124,11 @@ def compare_modes(cfg):
     device = resolve_device(cfg)
     # 1. every (rank, mode, seed) run, trained or reused
     results = {rank: {mode: [] for mode in modes} for rank in ranks}
-    for rank in ranks:
+    for rank in ranks:  # alpha/r kept: --alpha itself at --lora_rank, elsewhere rounded as a user would type it
+        alpha = cfg.alpha if rank == cfg.lora_rank else float(f"{scale * rank:.12g}")
         for seed in range(cfg.seeds):
             for mode in modes:
-                run = dataclasses.replace(cfg, mode=mode, seed=seed, lora_rank=rank, alpha=scale * rank, compare=False,
+                run = dataclasses.replace(cfg, mode=mode, seed=seed, lora_rank=rank, alpha=alpha, compare=False,
                                           out=os.path.join(out, f"r{rank}", f"{mode}-s{seed}"))
                 train_or_reuse(run)
                 results[rank][mode].append(run_summary(run.out) if process_rank() == 0 else None)
@@ -2092,8 +2154,8 @@ def compare_modes(cfg):
             rows = [(f"r={rank}", *mode_difference(results[rank], "dart", "joint")) for rank in ranks]
             sections.append("dart - joint against the LoRA rank, points (95% interval):\n" + interval_chart(rows))
     report = "\n\n".join(sections) + "\n"
-    # named by its ranks and modes, so that a comparison of other modes in the same runs folder keeps this one
-    name = os.path.join(out, f"compare-r{'-'.join(map(str, ranks))}-{'-'.join(modes)}")
+    # named by its ranks, modes and seeds, so that another comparison in the same runs folder keeps this one
+    name = os.path.join(out, f"compare-r{'-'.join(map(str, ranks))}-{'-'.join(modes)}-{cfg.seeds}seeds")
     with open(f"{name}.md", "w") as f:
         f.write(report)
     write_json(f"{name}.json", {"config": dataclasses.asdict(cfg),

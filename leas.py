@@ -139,16 +139,19 @@ def runs_of(cfg, lcfg):
 
 
 def train_variants(cfg, lcfg, modes=TRAINED):
-    """Adapters of every trained variant and seed: {(mode, seed): state}."""
-    from safetensors.torch import load_file
-    states = {}
+    """Adapters of every trained variant and seed, {(mode, seed): state}, and the base they were
+    trained on: one for all, since the hybrids put two runs' adapters on one base."""
+    states, bases = {}, set()
     for seed in range(lcfg.seeds):
         for mode in modes:
             out = os.path.join(runs_of(cfg, lcfg), f"{mode}-s{seed}")
-            run = dataclasses.replace(cfg, mode=mode, seed=seed, out=out)
-            dart.train_or_reuse(run)
-            states[mode, seed] = load_file(os.path.join(run.out, "adapters.safetensors"))
-    return states
+            dart.train_or_reuse(dataclasses.replace(cfg, mode=mode, seed=seed, out=out))
+            states[mode, seed] = dart.load_adapters(out)
+            bases.add(dart.saved_config(out).cached_base)
+    if len(bases) > 1:
+        raise DartError(f"the runs in {runs_of(cfg, lcfg)} were trained on {len(bases)} different bases "
+                        f"({', '.join(sorted(bases))}); train them all on one (pass --runs=another folder)")
+    return states, bases.pop()
 
 
 def place_variant(policy, states, variant, seed):
@@ -493,6 +496,10 @@ def optimizer_lines(results):
 # Putting it together
 
 
+# dart.py's options that name runs or commands: leas.py trains and reuses its own runs
+NOT_OURS = ("mode", "seed", "out", "resume", "compare", "modes", "ranks", "bench", "export_peft")
+
+
 def parse_command_line(argv):
     """Split the flags between LeasConfig and dart.Config; 'grad' selects the gradient part."""
     mine = [f.name for f in dataclasses.fields(LeasConfig)]
@@ -501,13 +508,14 @@ def parse_command_line(argv):
     if command not in ([], ["grad"]):
         raise DartError(f"unknown command {' '.join(command)!r}; the only command is 'grad'")
     flags = [a for a in argv if a.startswith("-")]
+    if ignored := [a for a in flags if a.removeprefix("--").partition("=")[0] in NOT_OURS]:
+        raise DartError(f"leas.py picks its runs itself (modes {', '.join(TRAINED)}, seeds 0 to --seeds - 1, at "
+                        f"--lora_rank, in --runs): drop {ignored[0]}")
     ours = [a for a in flags if a.removeprefix("--").partition("=")[0] in mine]
     lcfg = dart.parse_args(ours, LeasConfig(), names)
     cfg = dart.parse_args([a for a in flags if a not in ours], dart.Config(**TRAINING), names)
-    if cfg.mode != "dart":
-        raise DartError("leas.py chooses the modes itself; drop --mode")
-    if cfg.compare or cfg.bench or cfg.export_peft or cfg.resume:
-        raise DartError("leas.py trains and reuses its own runs: drop --compare, --bench, --export_peft and --resume")
+    if lcfg.runs and os.path.isfile(lcfg.runs):
+        raise DartError(f"--runs={lcfg.runs} is a file; pass the folder where the variants are trained or reused")
     tool_questions = 3 * lcfg.per_family  # every family but notool needs a tool
     if lcfg.grad_questions > tool_questions:
         raise DartError(f"--grad_questions must be at most the {tool_questions} test questions that need a tool "
@@ -515,12 +523,20 @@ def parse_command_line(argv):
     return cfg, lcfg, bool(command)
 
 
+def report_path(cfg, lcfg, grad_only):
+    """Beside the runs (whose folder fixes their settings), leas-<hash of this file's settings>.json, or
+    leas_grad-...: another --seeds, --samples, --per_family or --grad_* writes a report of its own."""
+    settings = {k: v for k, v in dataclasses.asdict(lcfg).items() if k != "runs"}
+    return os.path.join(runs_of(cfg, lcfg), f"leas{'_grad' if grad_only else ''}-{dart.short_hash(settings)}.json")
+
+
 def run_leas(cfg, lcfg, grad_only=False):
     world = dart.world_of(cfg)
     registry = tools.registry(world.kb)
-    states = train_variants(cfg, lcfg, ("joint",) if grad_only else TRAINED)
+    states, base = train_variants(cfg, lcfg, ("joint",) if grad_only else TRAINED)
     if dart.process_rank() > 0:
         return {}  # under torchrun the variants train data-parallel; sampling and fitting run in rank 0
+    cfg = dataclasses.replace(cfg, cached_base=base)  # sampled on the base the variants were trained on
     report = {}
     if not grad_only:
         policy = dart.load_policy(dataclasses.replace(cfg, mode="dart"))
@@ -548,7 +564,7 @@ def run_leas(cfg, lcfg, grad_only=False):
         print("\n" + gradient_table(report["gradients"], family))
     print("\n" + optimizer_lines(report["gradients"]))
     report["config"] = {"leas": dataclasses.asdict(lcfg), "train": dataclasses.asdict(cfg)}
-    path = os.path.join(runs_of(cfg, lcfg), "leas_grad.json" if grad_only else "leas.json")
+    path = report_path(cfg, lcfg, grad_only)
     dart.write_json(path, report)
     print(f"\nreport: {path}")
     return report

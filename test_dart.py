@@ -1031,10 +1031,11 @@ def test_a_resumed_optimizer_state_lives_where_a_fresh_ones_does(make_policy, tm
 
 
 def test_the_recorded_base_serves_resume_and_export_and_is_rebuilt_when_gone(cfg_factory, tmp_path, monkeypatch):
-    """config.json records the cached base a run trained on: --export_peft and --resume use it even
-    when today's settings would name another one (as the warm-start dtype does on another device).
-    Once it is deleted, --export_peft still writes the adapters (it needs no base), a finished run is
-    still reused, and --resume rebuilds the base where it was, from the run's own settings."""
+    """config.json records the cached base a run trained on: --export_peft, --resume and the reuse of an
+    unfinished run use it even when today's settings would name another one (as the warm-start dtype
+    does on another device), and a command naming another is refused; --resume refuses --steps below
+    its checkpoint's. Once the base is deleted, --export_peft still writes the adapters (it needs no
+    base), a finished run is still reused, and --resume rebuilds the base where it was."""
     cache = tmp_path / "cache"
     shutil.copytree(cfg_factory().cache_dir, cache)
     run = dart.train(cfg_factory(out=str(tmp_path / "run"), cache_dir=str(cache), lr_schedule="constant", **SHORT),
@@ -1042,12 +1043,22 @@ def test_the_recorded_base_serves_resume_and_export_and_is_rebuilt_when_gone(cfg
     recorded = json.load(open(os.path.join(run, "config.json")))["cached_base"]
     with monkeypatch.context() as elsewhere:
         elsewhere.setattr(dart, "base_path", lambda cfg: str(tmp_path / "another-base"))
+        elsewhere.setattr(dart, "build_base", lambda cfg, device: pytest.fail("built another base"))
         dart.main([f"--export_peft={run}"])
         assert json.load(open(os.path.join(run, "peft", "reasoning", "adapter_config.json")))[
             "base_model_name_or_path"] == recorded
         dart.main([f"--resume={run}", "--steps=5"])  # a constant learning rate lets a run go on
-        assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == list(range(6))
-        assert not os.path.exists(tmp_path / "another-base")
+        metrics = os.path.join(run, "metrics.jsonl")
+        assert [json.loads(line)["step"] for line in open(metrics)] == list(range(6))
+        assert "at step 5" in one_line_exit(dart.main, [f"--resume={run}", "--steps=4"])  # shorter than done
+        assert "--cached_base would change" in one_line_exit(dart.main, [f"--resume={run}", f"--cached_base={cache}"])
+        lines = open(metrics).readlines()
+        open(metrics, "w").writelines(lines[:-1])  # as if it had stopped before its last evaluation
+        unfinished = dataclasses.replace(dart.saved_config(run), cached_base="")  # as --compare and leas.py pass it
+        dart.train_or_reuse(unfinished)  # resumed on its own base
+        assert [json.loads(line)["step"] for line in open(metrics)] == list(range(6))
+        with pytest.raises(dart.DartError, match="--cached_base="):
+            dart.train_or_reuse(dataclasses.replace(unfinished, cached_base=str(cache)))
     kept = shutil.move(recorded, tmp_path / "kept-base")
     dart.main([f"--export_peft={run}"])
     dart.train_or_reuse(dart.saved_config(run))  # a finished run: reused, not retrained
@@ -1063,13 +1074,31 @@ def test_the_recorded_base_serves_resume_and_export_and_is_rebuilt_when_gone(cfg
     assert rebuilt == [recorded] and os.path.isfile(os.path.join(recorded, "base.json"))
 
 
+def test_a_run_folder_has_one_writer(tmp_path, monkeypatch):
+    """A command on a run folder that a live process has claimed is refused in one line naming it,
+    before anything is built; a dead process's claim is taken over. A default --out holds the pid:
+    two runs started in the same second never share a folder."""
+    import subprocess
+    monkeypatch.chdir(tmp_path)
+    nowhere = f"--model={tmp_path / 'no-such-model'}"  # a command that passes the claim stops at the model
+    pathlib.Path("run.lock").write_text("1 (python dart.py --compare)")  # pid 1 is always running
+    assert "run is in use by process 1 (python dart.py --compare)" in one_line_exit(dart.main, ["--out=run", nowhere])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    pathlib.Path("run.lock").write_text(f"{gone.pid} (python dart.py)")
+    assert "no-such-model" in one_line_exit(dart.main, ["--out=run", nowhere])
+    assert pathlib.Path("run.lock").read_text().startswith(f"{os.getpid()} (")  # held until this process exits
+    assert "no-such-model" in one_line_exit(dart.main, [nowhere])
+    assert [p.name for p in pathlib.Path("runs").iterdir()][0].endswith(f"-dart-s0-{os.getpid()}.lock")
+
+
 def test_format_health_and_the_no_signal_warning(cfg_factory, tmp_path, capsys):
     """A policy that never answers (two new tokens: no room for <answer>) gets a one-line warning
     after three steps of zero-variance groups; one step with a group that varies is enough signal."""
     mute = dart.train(cfg_factory(out=str(tmp_path / "mute"), steps=3, max_new_tokens=2, questions_per_step=2,
                                   eval_per_family=1), report=False)
     printed = capsys.readouterr().out
-    assert "warning: no learning signal" in printed and "--warm_steps" in printed
+    assert printed.count("warning: no learning signal") == 1 and "--warm_steps" in printed
     assert "0% of answers well-formed" in printed  # the first evaluation's format health
     records = [json.loads(line) for line in open(os.path.join(mute, "metrics.jsonl"))]
     assert all(r["zero_variance_groups"] == 1 and r["answered"] == 0 for r in records if "reward" in r)
@@ -1077,6 +1106,7 @@ def test_format_health_and_the_no_signal_warning(cfg_factory, tmp_path, capsys):
     step = {"zero_variance_groups": 1.0, "accuracy": 1.0, "answered": 1.0}
     assert "too easy" in dart.no_signal_warning([step] * 3)  # every rollout right
     assert dart.no_signal_warning([step, {**step, "zero_variance_groups": 0.5}, step]) is None  # some signal
+    assert "last 3 steps" in dart.no_signal_warning([{**step, "zero_variance_groups": 0.5}] + [step] * 3)  # lost later
 
 
 def test_the_report_shows_a_multihop_trajectory_and_the_demonstrators_wrong_call(make_policy, capsys, monkeypatch):
@@ -1147,19 +1177,20 @@ def test_paired_differences_the_sweep_table_and_its_chart():
 
 
 def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, monkeypatch, capsys):
-    """--compare --ranks trains each (rank, mode, seed) once, with alpha/r kept, prints a row per rank,
-    the chart and the learning curves (at step 0 the same model: 0); the same command again trains
-    nothing, and one with another mode trains only it and writes a report of its own beside the first."""
-    cfg = cfg_factory(compare=True, ranks="1,2", modes="joint,dart", seeds=1, steps=1, eval_every=1,
-                      eval_per_family=1, questions_per_step=1, out=str(tmp_path / "sweep"))
+    """--compare --ranks trains each (rank, mode, seed) once, with alpha/r kept (--alpha itself at
+    --lora_rank), prints a row per rank, the chart and the learning curves (at step 0 the same model:
+    0); the same command again trains nothing, and one with another mode trains only it and writes a
+    report of its own beside the first."""
+    cfg = cfg_factory(compare=True, ranks="1,3", modes="joint,dart", seeds=1, steps=1, eval_every=1, lora_rank=3,
+                      alpha=0.9, eval_per_family=1, questions_per_step=1, out=str(tmp_path / "sweep"))
     dart.compare_modes(cfg)
     printed = capsys.readouterr().out
     assert re.search(r"\| LoRA rank r \| +joint \| +dart \| +dart - joint \|", printed)
     assert "dart - joint against the LoRA rank" in printed
     assert re.search(r"\| RL step \| +dart - joint \|\n\|[-|:]+\|\n\| 0 +\| \+0\.0 \[\+0\.0, \+0\.0\] \|\n\| 1 ",
                      printed)
-    alpha = json.load(open(tmp_path / "sweep" / "r2" / "dart-s0" / "config.json"))["alpha"]
-    assert alpha == 2 * cfg.alpha / cfg.lora_rank  # alpha/r kept
+    alpha = lambda rank: json.load(open(tmp_path / "sweep" / f"r{rank}" / "dart-s0" / "config.json"))["alpha"]
+    assert (alpha(3), alpha(1)) == (0.9, 0.3)  # alpha/r kept, and --alpha exact (not 0.8999999999999999)
     monkeypatch.setattr(dart, "train", lambda run, report=True: pytest.fail("retrained"))
     dart.compare_modes(cfg)
     assert capsys.readouterr().out.count("reusing") == 4
@@ -1167,8 +1198,8 @@ def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, mo
     dart.compare_modes(dataclasses.replace(cfg, ranks="1", modes="joint,dart,joint2r"))
     assert capsys.readouterr().out.count("reusing") == 2
     reports = sorted(p.name for p in (tmp_path / "sweep").glob("compare-*"))  # the second report kept the first
-    assert reports == ["compare-r1-2-joint-dart.json", "compare-r1-2-joint-dart.md",
-                       "compare-r1-joint-dart-joint2r.json", "compare-r1-joint-dart-joint2r.md"]
+    assert reports == ["compare-r1-3-joint-dart-1seeds.json", "compare-r1-3-joint-dart-1seeds.md",
+                       "compare-r1-joint-dart-joint2r-1seeds.json", "compare-r1-joint-dart-joint2r-1seeds.md"]
 
 
 def test_bench_times_every_mode_and_the_engine(cfg_factory, capsys):
@@ -1310,6 +1341,24 @@ def test_lora_warm_start_leaves_a_plain_model_that_computes_what_its_trained_cop
             assert not torch.equal(p, before[name]), name  # every linear layer got its LoRA merged
 
 
+def test_a_base_another_process_has_just_cached_is_kept(cfg_factory, tmp_path, monkeypatch):
+    """Two processes building one base: the second to finish keeps the first's, which that process may
+    be loading, and drops its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ours = dart.base_path(cfg_factory())
+    dart.load_base(cfg_factory())
+    cfg = cfg_factory(cache_dir=str(tmp_path))
+    theirs = dart.base_path(cfg)
+
+    def build_while_another_caches_it(cfg, device):
+        shutil.copytree(ours, theirs)
+        pathlib.Path(theirs, "theirs").touch()
+        return AutoModelForCausalLM.from_pretrained(ours), AutoTokenizer.from_pretrained(ours)
+    monkeypatch.setattr(dart, "build_base", build_while_another_caches_it)
+    dart.load_base(cfg)
+    assert os.listdir(tmp_path) == [os.path.basename(theirs)] and os.path.exists(os.path.join(theirs, "theirs"))
+
+
 def test_a_model_without_the_target_linears_is_refused_before_its_warm_start(small_hf_folder, tmp_path, monkeypatch):
     """GPT-2 computes with Conv1D, not nn.Linear: a --targets it lacks is refused right after the model
     loads, and the LoRA warm start, which needs q_proj ... down_proj, says to train all weights."""
@@ -1424,11 +1473,18 @@ BAD_COMMAND_LINES = [  # (main, argv, what the one line must say: a regular expr
     ("dart", ["--compare", "--bench"], "separate commands"),
     ("dart", ["--compare", "--modes=dart,jointt"], "comma-separated list"),
     ("dart", ["--compare", "--ranks=1,x"], "positive integers"),
+    ("dart", ["--compare", "--ranks=1,²"], "positive integers"),  # a digit to str.isdigit, not to int()
+    ("dart", ["--compare", "--ranks=1,1"], "names 1 twice"),  # one run would count as two seeds
+    ("dart", ["--compare", "--modes=joint,dart,dart"], "names dart twice"),
+    ("dart", ["--seeds=2"], "option of --compare"),  # a plain run would train one seed
     ("dart", ["--out=a-file"], "is a file"),
     ("dart", ["--resume=."], "not a run directory"),
     ("leas", ["gradient"], "grad"),
     ("leas", ["--sample=4"], "--samples"),  # names leas.py's options and dart.py's
     ("leas", ["--per_family=2", "--grad_questions=7"], "--grad_questions"),
+    ("leas", ["--ranks=1,2"], "drop --ranks"),  # options leas.py would ignore
+    ("leas", ["--out=elsewhere"], "drop --out"),
+    ("leas", ["grad", "--runs=a-file"], "is a file"),
 ] + [("dart", [f"--device={device}"], f"no {device} device") for device, there in (
     ("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if not there] + [
     # an out-of-range value names the option, what is allowed, and the value
@@ -1451,10 +1507,11 @@ def test_a_bad_command_line_is_refused_in_one_line_before_anything_is_built(main
     assert os.listdir(tmp_path) == ["a-file"]
 
 
-def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_factory, tmp_path):
+def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_factory, tmp_path, capsys):
     """Empty and corrupt run directories for --resume and --export_peft, a checkpoint of another mode
-    or rank or a damaged one, adapters that are not, an --out that holds a run, settings a --resume may
-    not change: one line each, and the files of the run stay as they were."""
+    or rank or a damaged one, adapters cut short, a damaged log, an --out that holds a run, settings a
+    --resume may not change (the test set among them): one line each, and the files of the run stay as
+    they were. A kill's half-written last line of a log is dropped, with a note."""
     run = dart.train(cfg_factory(out=str(tmp_path / "run"), steps=1, questions_per_step=1), report=False)
     files = {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run)}
     (tmp_path / "empty").mkdir()
@@ -1468,6 +1525,16 @@ def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_fac
     assert "already holds a run" in one_line_exit(dart.main, [f"--out={run}", f"--cache_dir={tmp_path}"])
     assert "--mode would change" in one_line_exit(dart.main, [f"--resume={run}", "--mode=joint"])
     assert "cosine" in one_line_exit(dart.main, [f"--resume={run}", "--steps=5"])  # would reshape the schedule
+    assert "--eval_per_family would change" in one_line_exit(dart.main, [f"--resume={run}", "--eval_per_family=3"])
+    metrics = os.path.join(run, "metrics.jsonl")
+    open(metrics, "a").write('{"step": 1, "te')  # a kill during an append: dropped, and the finished run reused
+    dart.train_or_reuse(dart.saved_config(run))
+    assert "dropped the half-written last line" in capsys.readouterr().out
+    assert dart.run_summary(run)["final"]["step"] == 1
+    open(metrics, "w").write('{"step": 0, "te\n' + files["metrics.jsonl"].decode())  # not a kill's: refused
+    with pytest.raises(dart.DartError, match="metrics.jsonl is damaged at line 1"):
+        dart.run_summary(run)
+    open(metrics, "wb").write(files["metrics.jsonl"])
     checkpoint = os.path.join(run, "checkpoint.pt")
     saved = torch.load(io.BytesIO(files["checkpoint.pt"]), weights_only=True)
     other_mode = {**saved, "config": {**saved["config"], "mode": "two_agent"}}  # same shapes: only the config tells
@@ -1480,15 +1547,17 @@ def test_bad_files_are_refused_in_one_line_and_the_run_is_left_as_it_was(cfg_fac
             open(checkpoint, "wb").write(damage)
         assert says in one_line_exit(dart.main, [f"--resume={run}"])
     open(checkpoint, "wb").write(files["checkpoint.pt"])
-    open(os.path.join(run, "adapters.safetensors"), "wb").write(b"garbage")
+    open(os.path.join(run, "adapters.safetensors"), "wb").write(files["adapters.safetensors"][:-100])  # cut short
     assert "adapters.safetensors" in one_line_exit(dart.main, [f"--export_peft={run}"])
+    with pytest.raises(dart.DartError, match="adapters.safetensors"):
+        dart.run_summary(run)
     open(os.path.join(run, "adapters.safetensors"), "wb").write(files["adapters.safetensors"])
     assert {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run)} == files
 
 
 def test_library_functions_raise_instead_of_exiting(cfg_factory, tmp_path):
     """Copied into another program, nothing calls sys.exit: errors are exceptions, and a failed
-    model load leaves no folder behind."""
+    model load leaves no folder behind (only the claim on it, held until the process exits)."""
     with pytest.raises(dart.DartError, match="no such directory"):
         dart.load_policy(cfg_factory(model=str(tmp_path / "no-such-model")))
     assert "no-such-model" in one_line_exit(dart.main, [f"--model={tmp_path / 'no-such-model'}",
@@ -1498,7 +1567,7 @@ def test_library_functions_raise_instead_of_exiting(cfg_factory, tmp_path):
     (garbage / "config.json").write_text("{not json")
     with pytest.raises(dart.DartError, match="cannot load --model"):
         dart.train(cfg_factory(model=str(garbage), out=str(tmp_path / "run")))
-    assert os.listdir(tmp_path) == ["garbage-model"]
+    assert sorted(os.listdir(tmp_path)) == ["garbage-model", "run.lock"]
     with pytest.raises(ValueError, match="no linear layer named"):
         dart.attach_dart(torch.nn.Sequential(torch.nn.Linear(2, 2)), targets=("q_proj",))
     with pytest.raises(dart.DartError, match="unknown option"):
@@ -1791,7 +1860,11 @@ def test_leas_end_to_end_writes_its_report_and_reuses_the_comparisons_runs(cfg_f
     dart.compare_modes(dataclasses.replace(cfg, modes="joint", seeds=2))
     lcfg = leas.LeasConfig(seeds=2, samples=2, per_family=2, grad_questions=4, grad_rollouts=3, bootstrap=50)
     report = leas.run_leas(cfg, lcfg)
-    saved = json.load(open(os.path.join(dart.runs_folder(cfg), f"r{cfg.lora_rank}", "leas.json")))
+    path = leas.report_path(cfg, lcfg, grad_only=False)
+    assert path != leas.report_path(cfg, dataclasses.replace(lcfg, samples=3), grad_only=False)
+    saved = json.load(open(path))
+    joint = json.load(open(os.path.join(dart.runs_folder(cfg), f"r{cfg.lora_rank}", "joint-s0", "config.json")))
+    assert saved["config"]["train"]["cached_base"] == joint["cached_base"]  # sampled on the runs' own base
     assert set(saved["effects"]) == set(leas.EFFECTS) and saved["kept"] + len(saved["dropped"]) == 8
     assert len(saved["per_seed"]) == 2 and saved["conclusion"] == report["conclusion"]
     assert [g["trajectories"] >= 2 for g in saved["gradients"]] == [True, True] and report["kept"] == saved["kept"]
