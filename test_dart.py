@@ -1176,6 +1176,23 @@ def test_paired_differences_the_sweep_table_and_its_chart():
     assert chart[1] == "     r=8 [-*|]          -1.0 [-3.0, +1.0]" and chart[2].split() == ["-3", "+9"]
 
 
+def test_the_runs_folder_sees_resolved_settings_the_world_and_the_tools(cfg_factory, monkeypatch):
+    """`auto` is hashed and matched as what it means here, so a GPU run (bfloat16) and a CPU run
+    (float32) never pass for each other; the dial and the text the world's tasks and tools produce
+    enter the hash, so runs of another world are not reused."""
+    auto = cfg_factory(device="auto", dtype="auto", train_dtype="auto", warm_weights="auto")
+    here = dart.resolved(auto)
+    assert torch.cuda.is_available() or (here.device, here.dtype, here.train_dtype, here.warm_weights) == (
+        "cpu", "float32", "float32", "all")
+    assert dart.runs_folder(auto) == dart.runs_folder(here) and dart.differing_setting(
+        here, dart.resolved(auto), dart.NOT_THE_RUN) is None
+    others = [dart.runs_folder(here), dart.runs_folder(dataclasses.replace(auto, conflict=0.5)),
+              dart.runs_folder(dataclasses.replace(auto, conflict=0.5, conflict_sign="aligned"))]
+    monkeypatch.setattr(toy_tasks, "GIVE_UP_TEXT", "I give up. <answer>0</answer>")  # toy_tasks.py changed
+    others.append(dart.runs_folder(auto))
+    assert len(set(others)) == 4
+
+
 def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, monkeypatch, capsys):
     """--compare --ranks trains each (rank, mode, seed) once, with alpha/r kept (--alpha itself at
     --lora_rank), prints a row per rank, the chart and the learning curves (at step 0 the same model:
