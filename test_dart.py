@@ -1142,7 +1142,7 @@ def test_the_report_shows_a_multihop_trajectory_and_the_demonstrators_wrong_call
     tasks = [sample_tasks(1, "test", family=family)[0] for family in toy_tasks.FAMILIES]
     metrics = {f"test_{k}": v for k, v in dart.evaluate(mute, REGISTRY, tasks, cfg).items()}
     assert metrics["test_tool_calls"] == 0 and metrics["test_valid_calls"] is None
-    assert re.search(r"\| valid tool calls +\| +n/a \| +n/a \|", dart.results_table(metrics, metrics))
+    assert re.search(r"\| valid tool calls +\| +n/a \| +n/a \|", dart.results_table(metrics, metrics, WORLD))
     assert dart.mean_std([None], 100) == "n/a" and dart.mean_std([0.5, None, 1.0], 100) == "75±35"
 
 
