@@ -5,19 +5,25 @@ From "Reasoning and Tool-use Compete in Agentic RL" (arXiv 2602.00994). An agent
 interleaves free-text reasoning with tool calls. Trained the usual way, one set of
 parameters learns from every token, and the two behaviours interfere. DART freezes
 the backbone and gives each behaviour its own LoRA adapter; a fixed rule routes every
-token to exactly one of them. This file is the whole method, in the order to read it:
+token to exactly one of them. The method comes first, in the order to read it, and ends at
+the line "# ===== The method ends here": stop there and you have read all of it.
 
+the method
     1. token roles: which adapter writes which token
     2. the DART layer: two LoRA adapters as one gated rank-2r LoRA, and a routed forward
        (sections 1-2 are one block between two marker lines that needs torch alone:
        paste it into your own trainer)
-    3. GRPO: group advantages, token weights, the clipped loss with KL to the reference
-    4. the rollout engine: batched, KV-cached sampling with tool calls in the middle
-    5. the update: log-probs, loss masks, one GRPO step on a batch of rollouts
-    6. the training loop: RL steps, evaluation, checkpoints, adapters on disk
-    7. models: the embedded tiny default (built and warm-started here) or any HF causal LM
-    8. config and command line, the report, --compare (and its rank sweep), --bench
-    9. several processes (torchrun): the few lines data parallelism needs
+    3. the method's settings, each with its default and meaning
+    4. GRPO: group advantages, token weights, the clipped loss with KL to the reference
+    5. the rollout engine: batched, KV-cached sampling with tool calls in the middle
+    6. the update: log-probs, loss masks, one GRPO step on a batch of rollouts
+    7. the RL step (sample, roll out, score, update) and the loop (evaluate, step, checkpoint)
+the harness (the method calls into it in single lines, each commented)
+    8. evaluation and statistics, time and memory
+    9. runs: checkpoints, adapters on disk and as PEFT, run folders, train()
+    10. models: the embedded tiny default (built and warm-started here) or any HF causal LM
+    11. config and command line, the report, --compare (and its rank sweep), --bench
+    12. several processes (torchrun): the few lines data parallelism needs
 
     python dart.py                        # tiny model, a few minutes on 2 CPU cores
     python dart.py --mode=joint --steps=50
@@ -100,7 +106,9 @@ def next_role(role, token, spans):
 #             └──► [A_r; A_t] ──► ⊙ g(role) ──► [B_r B_t]
 #
 # Same FLOPs as one rank-2r LoRA; the inactive block gets exactly zero gradient at
-# that position. Every baseline is the same layer with another gate table.
+# that position. joint, joint2r and dart differ in the gate table below alone; reason_only
+# and tool_only in which tokens carry loss (loss_mask, section 6); mixlora by a router in each
+# layer (DartLinear.router); two_agent by two forwards and two KV caches (routed_forward, new_caches).
 
 # mode -> (gate over the blocks for a REASONING position, for a TOOL position).
 # Gate entries sum to 1 per token, so each token's LoRA has the usual alpha/rank scale
@@ -254,9 +262,75 @@ from tqdm import tqdm
 import toy_tasks
 import tools
 
+# -----------------------------------------------------------------------------
+# 3. The method's settings
+
+
+def option(default, help, valid=None):
+    """A config field with its one-line help text (python dart.py --help prints it) and the test
+    its value must pass, as (predicate, what it allows); checked as soon as the command line is read."""
+    return field(default=default, metadata={"help": help, "valid": valid})
+
+
+def at_least(low):
+    return lambda value: value >= low, f"at least {low}"
+
+
+def above(low):
+    return lambda value: value > low, f"above {low}"
+
+
+def between(low, high):
+    return lambda value: low <= value < high, f"in [{low}, {high})"
+
+
+def one_of(*choices):
+    return lambda value: value in choices, "one of " + ", ".join(choices)
+
+
+@dataclass
+class Method:
+    """Every knob the method reads, with its default and meaning (python dart.py --help prints them;
+    ranges checked as the command line is read). Config, below the marker, adds the harness's."""
+    # what to train
+    mode: str = option("dart", "which adapters write which tokens: " + ", ".join(MODES), one_of(*MODES))
+    steps: int = option(80, "RL steps", at_least(1))
+    seed: int = option(0, "seed of the adapters' initialization, the questions and the sampling", at_least(0))
+    # the adapters (section 2)
+    lora_rank: int = option(8, "rank r of EACH adapter (DART has two: 2r units in all)", at_least(1))
+    alpha: float = option(16.0, "LoRA scale is alpha / r", above(0))
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch, in updates only", between(0, 1))
+    targets: str = option(",".join(ATTENTION_AND_MLP), "names of the linear layers that get adapters")
+    # GRPO and the update (sections 4 and 6)
+    questions_per_step: int = option(8, "questions per RL step", at_least(1))
+    group_size: int = option(8, "G rollouts per question (GRPO compares the rollouts of a question)", at_least(2))
+    lr: float = option(1e-3, "peak AdamW learning rate of the adapters", above(0))
+    lr_schedule: str = option("cosine", "cosine (warmup, then decay to 10% of lr at the last step) | constant",
+                              one_of("cosine", "constant"))
+    warmup_steps: int = option(5, "steps of linear learning-rate warmup", at_least(0))
+    temperature: float = option(1.0, "sampling temperature; log-probs use the same", above(0))
+    clip_eps: float = option(0.2, "PPO clip range of the ratio", between(0, 1))
+    kl_beta: float = option(0.01, "weight of the k3 KL to the adapters-off reference (0 = skip it)", at_least(0))
+    scale_std: bool = option(True, "divide advantages by the group std (false, with --loss_agg=dr_grpo: Dr. GRPO)")
+    loss_agg: str = option("token_mean", "token_mean | seq_mean | dr_grpo", one_of("token_mean", "seq_mean", "dr_grpo"))
+    updates_per_batch: int = option(1, "> 1 makes the clipping matter; 1 = REINFORCE with a group baseline",
+                                    at_least(1))
+    micro_batch: int = option(8, "rows per forward/backward in the update (memory; the loss is the same at any size)",
+                              at_least(1))
+    max_grad_norm: float = option(1.0, "gradient clipping", above(0))
+    format_bonus: float = option(0.0, "reward for a wrong but well-formed answer (paper: 0)", between(0, 1))
+    # the rollout's limits (section 5)
+    max_new_tokens: int = option(80, "tokens per response, observations included", at_least(1))
+    max_tool_calls: int = option(4, "tool calls per response", at_least(0))
+    max_arg_tokens: int = option(24, "tokens in one tool call's argument", at_least(1))
+    max_obs_tokens: int = option(24, "tokens of one observation (the warm start's are cut alike)", at_least(1))
+    # the loop (section 7)
+    eval_every: int = option(20, "RL steps between greedy test evaluations", at_least(1))
+    save_every: int = option(20, "RL steps between checkpoints", at_least(1))
+
 
 # -----------------------------------------------------------------------------
-# 3. GRPO
+# 4. GRPO
 #
 # Per question, G rollouts; advantage A = (r - mean) / (std + 1e-4) within the group.
 # Per generated token, with ratio rho = pi / pi_old:
@@ -285,12 +359,12 @@ def batch_totals(mask):
     return torch.stack([mask.sum(), (mask.sum(-1) > 0).float().sum(), mask.new_tensor(mask.shape[0])])
 
 
-def token_weights(mask, loss_agg, max_new_tokens, totals=None):
+def token_weights(mask, loss_agg, max_new_tokens, totals):
     """(B, N) weights so that loss = sum(weights * per-token loss) over the whole batch; computed
-    once, so micro-batching the update leaves the loss unchanged. `totals`: batch_totals of the
-    whole batch when `mask` is one share of it (data parallel); by default, this mask's own."""
+    once, so micro-batching the update leaves the loss unchanged. `totals`: the whole batch's
+    batch_totals (under torchrun `mask` is one process's share of it)."""
     mask = mask.float()
-    tokens, carrying, sequences = batch_totals(mask) if totals is None else totals
+    tokens, carrying, sequences = totals
     if loss_agg == "token_mean":  # every token counts the same (DAPO)
         return mask / tokens.clamp(min=1)
     if loss_agg == "seq_mean":    # mean per sequence, then over the sequences that carry loss (GRPO)
@@ -309,7 +383,7 @@ def token_loss(logp, old_logp, ref_logp, advantages, clip_eps, kl_beta):
 
 
 # -----------------------------------------------------------------------------
-# 4. The rollout engine
+# 5. The rollout engine
 #
 # Our own sampling loop, not generate(): the adapter switches per token and tool results
 # are spliced in mid-sequence. All rows advance one token per step. Each row has a queue
@@ -364,21 +438,7 @@ class Policy:
     device: str
     sample_dtype: torch.dtype = None  # autocast dtype of sampling and evaluation, None = full precision
     train_dtype: torch.dtype = None   # autocast dtype of the update's forwards and backward
-    in_update: bool = False
-
-    @contextlib.contextmanager
-    def update_precision(self):
-        """Forwards inside run at train_dtype. When it is lower than the sampling precision, the
-        frozen linear weights are cast down once here, not by autocast in every forward (the same
-        cast, so the same numbers, for a second copy of the weights during the update)."""
-        held, wanted = self.sample_dtype or torch.float32, self.train_dtype or torch.float32
-        restore = hold_frozen_linears(self.model, wanted) if wanted != held else (lambda: None)
-        self.in_update = True
-        try:
-            yield
-        finally:
-            self.in_update = False
-            restore()
+    in_update: bool = False           # inside update_precision(): forwards at train_dtype
 
     def logits(self, ids, attention_mask, position_ids, roles, caches=None, logits_to_keep=0):
         def forward(agent):
@@ -388,25 +448,6 @@ class Policy:
 
         with autocast(self.device, self.train_dtype if self.in_update else self.sample_dtype):
             return routed_forward(forward, self.routing, roles)
-
-
-def hold_frozen_linears(model, dtype):
-    """Hold the weights and biases of the frozen linear layers in `dtype`, and return a function
-    that puts the previous tensors back. A tied output layer gets a copy of its own: the embedding
-    table it shares must keep its precision, since its rows enter the residual stream as they are."""
-    kept = []
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
-            for name in ("weight", "bias"):
-                tensor = getattr(module, name)
-                if tensor is not None and tensor.dtype != dtype:
-                    kept.append((module, name, tensor))
-                    setattr(module, name, nn.Parameter(tensor.detach().to(dtype), requires_grad=False))
-
-    def restore():
-        for module, name, tensor in kept:
-            setattr(module, name, tensor)
-    return restore
 
 
 def prompt_ids(tok, question):
@@ -424,24 +465,6 @@ def observation_ids(tok, special, text, max_tokens):
     for tag in format_tags(tools.TOOLS):
         text = text.replace(tag, "")
     return [special.obs] + tok.encode(text, add_special_tokens=False)[:max_tokens] + [special.obs_end]
-
-
-def trajectory_ids(tok, special, trajectory, max_obs_tokens):
-    """A written-out trajectory as (token ids, written-by-policy 0/1 list): the observations are
-    tokenized by observation_ids and cut to max_obs_tokens, exactly as the environment inserts them."""
-    ids, by_policy = [], []
-    rest = trajectory
-    while rest:
-        before, _, after = rest.partition(OBS)
-        content, _, rest = after.partition(OBS_END)
-        piece = tok.encode(before, add_special_tokens=False)
-        ids += piece
-        by_policy += [1] * len(piece)
-        if after:
-            obs = observation_ids(tok, special, content, max_obs_tokens)
-            ids += obs
-            by_policy += [0] * len(obs)
-    return ids, by_policy
 
 
 def position_ids(attention_mask):
@@ -627,13 +650,12 @@ def rollout(policy, registry, prompts, cfg, temperature, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# 5. The update
+# 6. The update
 #
 # The log-probs of a batch of rollouts are recomputed by a training forward that reads the
 # batch exactly as the rollout did (the same ids, mask, positions and roles), so before any
 # update they equal the sampler's. The loss of each token is weighted once for the whole
-# batch, and the batch is cut into micro-batches that accumulate gradients. Under torchrun
-# (section 9) each process holds a share of the batch; in one process those helpers do nothing.
+# batch, and the batch is cut into micro-batches that accumulate gradients.
 
 
 def response_logits(policy, ids, attention_mask, prompt_len, prompt_keys=None):
@@ -740,10 +762,11 @@ def grpo_update(policy, optimizer, batch, advantages, cfg):
     # 1. which tokens carry loss, and each one's weight in the batch's loss
     roles = predicting_roles(batch, policy.special)
     mask = loss_mask(batch, roles, cfg.mode)
-    weights = token_weights(mask, cfg.loss_agg, cfg.max_new_tokens, all_reduce_sum(batch_totals(mask)))
+    totals = all_reduce_sum(batch_totals(mask))  # harness (torchrun): over every process's share; one: these
+    weights = token_weights(mask, cfg.loss_agg, cfg.max_new_tokens, totals)
     parts = micro_batches(batch, cfg.micro_batch)
     log = UpdateLog(batch, mask, roles)
-    with policy.update_precision():
+    with update_precision(policy):  # harness: forwards at --train_dtype (by default the sampling's: nothing changes)
         # 2. the reference's log-probs: it does not change between updates, so one forward per batch
         ref_logp = torch.where(mask, reference_logprobs(policy, batch, parts, cfg.temperature), 0.0) \
             if cfg.kl_beta > 0 else None
@@ -766,9 +789,10 @@ def grpo_update(policy, optimizer, batch, advantages, cfg):
                 total += loss.detach()
                 log.add(update, rows, logp, per_token, kl, entropy)
             # 4. one optimizer step on the gradients of the whole batch, unless they are not finite
-            sum_gradients(params)
+            sum_gradients(params)  # harness (torchrun): the whole batch's gradient; one process: nothing
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            loss_value, norm_value = torch.stack([all_reduce_sum(total), grad_norm.double()]).tolist()
+            total = all_reduce_sum(total)  # harness (torchrun): the whole batch's loss; one process: this
+            loss_value, norm_value = torch.stack([total, grad_norm.double()]).tolist()
             log.passes += 1
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 log.skipped = 1
@@ -805,8 +829,8 @@ class UpdateLog:
                 sums[f"kl_{name}"] += kl[sel].sum().item()
                 sums[f"entropy_{name}"] += entropy[sel].sum().item()
         counts = {name: (self.mask & (self.roles == role)).sum().item() for role, name in roles}
-        summed = all_reduce_sum(torch.tensor(list(sums.values()) + list(counts.values()), dtype=torch.float64,
-                                             device=self.mask.device)).tolist()
+        summed = torch.tensor(list(sums.values()) + list(counts.values()), dtype=torch.float64, device=self.mask.device)
+        summed = all_reduce_sum(summed).tolist()  # harness (torchrun): every process's; one process: these
         sums, counts = dict(zip(sums, summed)), dict(zip(counts, summed[len(sums):]))
         metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": self.skipped,
                    "sampler_gap": sums.pop("sampler_gap") / max(sum(counts.values()), 1)}
@@ -818,7 +842,94 @@ class UpdateLog:
 
 
 # -----------------------------------------------------------------------------
-# 6. The training loop, evaluation, checkpoints
+# 7. The RL step and the loop
+
+
+SEED_STRIDE = 1_000_003  # above any step count: (seed, step) pairs never share a seed
+RANK_STRIDE = 7919       # below it: each process's sampling seed differs from every other's
+
+
+def step_seed(seed, step):
+    """Every random choice of a step derives from (seed, step): a resumed run replays exactly."""
+    return seed * SEED_STRIDE + step
+
+
+def warmup_cosine(peak, step, total, warmup_steps, decay=True):
+    """Linear warmup over warmup_steps, then constant or (decay) a cosine decay to 10% of the peak
+    at step `total`. A function of the step alone, so a resumed run continues the same schedule."""
+    ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if not decay:
+        return peak * ramp
+    return peak * ramp * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step / total))))
+
+
+def learning_rate(cfg, step):
+    """The RL learning rate. The decay keeps the last steps small, so that a run ends near its best
+    evaluation instead of drifting away from it."""
+    return warmup_cosine(cfg.lr, step, max(1, cfg.steps - 1), cfg.warmup_steps, cfg.lr_schedule == "cosine")
+
+
+def rl_step(policy, optimizer, registry, world, cfg, step):
+    """Sample train questions, roll out G answers each, score, update (under torchrun each process
+    its share). Returns the metrics and the speed apart: times differ between runs, metrics do not."""
+    rank = process_rank()  # harness (torchrun): this process's number; one process: 0
+    # 1. the step's questions (the same in every process) and its own sampling seed
+    rng = random.Random(step_seed(cfg.seed, step))
+    sampling_seed = step_seed(cfg.seed, step) + RANK_STRIDE * rank
+    torch.manual_seed(sampling_seed)  # LoRA dropout
+    generator = torch.Generator(policy.device).manual_seed(sampling_seed)
+    tasks = [toy_tasks.sample_task(rng, world, "train") for _ in range(cfg.questions_per_step)]
+    share = cfg.questions_per_step // process_count()  # harness (torchrun): its share; one process: all
+    tasks = tasks[rank * share:(rank + 1) * share]
+    # 2. G rollouts per question, scored against the gold answer
+    prompts = [prompt_ids(policy.tok, t.question) for t in tasks for _ in range(cfg.group_size)]
+    batch, rollout_seconds = timed(policy.device, lambda: rollout(policy, registry, prompts, cfg, cfg.temperature,
+                                                                  generator))  # harness: timed() returns the time too
+    rewards = [toy_tasks.reward(text, tasks[i // cfg.group_size], cfg.format_bonus)
+               for i, text in enumerate(batch.texts)]
+    advantages = group_advantages(torch.tensor(rewards).view(len(tasks), cfg.group_size), cfg.scale_std)
+    advantages = advantages.flatten().to(policy.device)
+    # 3. the update
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(cfg, step)
+    metrics, update_seconds = timed(policy.device, lambda: grpo_update(policy, optimizer, batch, advantages, cfg))
+    # 4. what the step's rollouts did, over every process's (call_stats and peak_memory_mb: harness)
+    lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1).tolist()
+    rows = gather_lists(list(zip(rewards, batch.call_counts, batch.error_counts, batch.observation_counts, lengths,
+                                 batch.texts)))  # every process's rows, in order (in one process: these)
+    rewards, calls, errors, observations, lengths, texts = map(list, zip(*rows))
+    stats = call_stats(texts, calls, observations, errors)
+    rewards = torch.tensor(rewards).view(-1, cfg.group_size)
+    metrics.update(reward=rewards.mean().item(), accuracy=(rewards == 1).float().mean().item(),
+                   **{key: stats[key] for key in ("tool_calls", "invalid_calls", "answered", "called_tool")},
+                   response_tokens=float(np.mean(lengths)),
+                   zero_variance_groups=(rewards.std(-1) == 0).float().mean().item())
+    speed = {"rollout_s": rollout_seconds, "update_s": update_seconds, "sampled_tokens": int(sum(lengths)),
+             "trained_tokens": metrics["tokens_reason"] + metrics["tokens_tool"],
+             "peak_mb": peak_memory_mb(policy.device)}
+    return metrics, speed
+
+
+def train_loop(policy, optimizer, registry, world, test, cfg, start, files):
+    """Steps `start` (0, or a resumed run's checkpoint) to cfg.steps: a greedy evaluation on the test
+    questions every eval_every steps and after the last, an RL step, a checkpoint every save_every."""
+    for step in files.progress(range(start, cfg.steps + 1)):  # harness: a progress bar over the steps
+        record, speed = {"step": step}, None
+        if step % cfg.eval_every == 0 or step == cfg.steps:  # harness: evaluate() reads the adapters, changes nothing
+            record.update({f"test_{k}": v for k, v in evaluate(policy, registry, test, cfg).items()})
+        if step < cfg.steps:
+            metrics, speed = rl_step(policy, optimizer, registry, world, cfg, step)
+            check_same_adapters(policy.model, step)  # harness (torchrun): every process holds the same; one: nothing
+            record.update(metrics)
+        files.log(record, speed)  # harness: metrics.jsonl, speed.jsonl and the progress bar
+        if files.writes and step < cfg.steps and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(cfg.out, policy, optimizer, cfg, step + 1)  # harness: what --resume reads
+
+
+# ===== The method ends here. The harness follows: evaluation, runs, models, config, --compare, torchrun =====
+
+# -----------------------------------------------------------------------------
+# 8. Evaluation and statistics, time and memory
 
 
 class DartError(Exception):
@@ -882,30 +993,6 @@ def timed(device, work):
     return result, time.perf_counter() - started
 
 
-SEED_STRIDE = 1_000_003  # above any step count: (seed, step) pairs never share a seed
-RANK_STRIDE = 7919       # below it: each process's sampling seed differs from every other's
-
-
-def step_seed(seed, step):
-    """Every random choice of a step derives from (seed, step): a resumed run replays exactly."""
-    return seed * SEED_STRIDE + step
-
-
-def warmup_cosine(peak, step, total, warmup_steps, decay=True):
-    """Linear warmup over warmup_steps, then constant or (decay) a cosine decay to 10% of the peak
-    at step `total`. A function of the step alone, so a resumed run continues the same schedule."""
-    ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    if not decay:
-        return peak * ramp
-    return peak * ramp * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step / total))))
-
-
-def learning_rate(cfg, step):
-    """The RL learning rate. The decay keeps the last steps small, so that a run ends near its best
-    evaluation instead of drifting away from it."""
-    return warmup_cosine(cfg.lr, step, max(1, cfg.steps - 1), cfg.warmup_steps, cfg.lr_schedule == "cosine")
-
-
 def reset_peak_memory(device):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -927,45 +1014,8 @@ def peak_memory_mb(device):
     return float("nan")
 
 
-def rl_step(policy, optimizer, registry, world, cfg, step):
-    """Sample train questions, roll out G answers each, score, update (under torchrun each process
-    its share). Returns the metrics and the speed apart: times differ between runs, metrics do not."""
-    rank = process_rank()
-    # 1. the step's questions (the same in every process) and its own sampling seed
-    rng = random.Random(step_seed(cfg.seed, step))
-    sampling_seed = step_seed(cfg.seed, step) + RANK_STRIDE * rank
-    torch.manual_seed(sampling_seed)  # LoRA dropout
-    generator = torch.Generator(policy.device).manual_seed(sampling_seed)
-    tasks = [toy_tasks.sample_task(rng, world, "train") for _ in range(cfg.questions_per_step)]
-    share = cfg.questions_per_step // process_count()
-    tasks = tasks[rank * share:(rank + 1) * share]
-    # 2. G rollouts per question, scored against the gold answer
-    prompts = [prompt_ids(policy.tok, t.question) for t in tasks for _ in range(cfg.group_size)]
-    batch, rollout_seconds = timed(policy.device, lambda: rollout(policy, registry, prompts, cfg, cfg.temperature,
-                                                                  generator))
-    rewards = [toy_tasks.reward(text, tasks[i // cfg.group_size], cfg.format_bonus)
-               for i, text in enumerate(batch.texts)]
-    advantages = group_advantages(torch.tensor(rewards).view(len(tasks), cfg.group_size), cfg.scale_std)
-    advantages = advantages.flatten().to(policy.device)
-    # 3. the update
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(cfg, step)
-    metrics, update_seconds = timed(policy.device, lambda: grpo_update(policy, optimizer, batch, advantages, cfg))
-    # 4. what the step's rollouts did, over every process's
-    lengths = batch.attention_mask[:, batch.prompt_len:].sum(-1).tolist()
-    rows = gather_lists(list(zip(rewards, batch.call_counts, batch.error_counts, batch.observation_counts, lengths,
-                                 batch.texts)))  # every process's rows, in order (in one process: these)
-    rewards, calls, errors, observations, lengths, texts = map(list, zip(*rows))
-    stats = call_stats(texts, calls, observations, errors)
-    rewards = torch.tensor(rewards).view(-1, cfg.group_size)
-    metrics.update(reward=rewards.mean().item(), accuracy=(rewards == 1).float().mean().item(),
-                   **{key: stats[key] for key in ("tool_calls", "invalid_calls", "answered", "called_tool")},
-                   response_tokens=float(np.mean(lengths)),
-                   zero_variance_groups=(rewards.std(-1) == 0).float().mean().item())
-    speed = {"rollout_s": rollout_seconds, "update_s": update_seconds, "sampled_tokens": int(sum(lengths)),
-             "trained_tokens": metrics["tokens_reason"] + metrics["tokens_tool"],
-             "peak_mb": peak_memory_mb(policy.device)}
-    return metrics, speed
+# -----------------------------------------------------------------------------
+# 9. Runs: checkpoints, adapters on disk, run folders, train()
 
 
 def adapter_state(model):
@@ -1234,7 +1284,7 @@ class RunFiles:
     trains leaves nothing behind. Under torchrun only rank 0 writes."""
 
     def __init__(self, cfg, start):
-        self.dir, self.writes, self.history = cfg.out, process_rank() == 0, []
+        self.dir, self.mode, self.writes, self.history = cfg.out, cfg.mode, process_rank() == 0, []
         if not self.writes:
             return
         os.makedirs(self.dir, exist_ok=True)
@@ -1254,9 +1304,23 @@ class RunFiles:
         with open(os.path.join(self.dir, name), "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def progress(self, steps):
+        """The steps on a progress bar, which log() annotates (rank 0's alone shows)."""
+        self.first, self.bar = steps.start, tqdm(steps, desc=f"RL {self.mode}", initial=steps.start,
+                                                 total=steps.stop, disable=not self.writes)
+        return self.bar
+
     def log(self, record, speed):
         if not self.writes:
             return
+        if "test_acc" in record:
+            self.bar.set_description(f"RL {self.mode} (test acc {record['test_acc']:.0%})")
+            if record["step"] == self.first:
+                tqdm.write(f"step {record['step']}: test accuracy {record['test_acc']:.0%}; format: "
+                           f"{record['test_answered']:.0%} of answers well-formed, "
+                           f"{record['test_called_tool']:.0%} call a tool")
+        if "reward" in record:
+            self.bar.set_postfix(reward=f"{record['reward']:.2f}", tool_calls=f"{record['tool_calls']:.1f}")
         self.history.append(record)
         if (warning := no_signal_warning(self.history)) and not no_signal_warning(self.history[:-1]):  # once a loss
             tqdm.write(warning)
@@ -1290,26 +1354,7 @@ def train(cfg, report=True):
     optimizer = make_optimizer(policy, cfg)
     start = load_checkpoint(cfg.out, policy, optimizer, cfg) if cfg.resume else 0
     files = RunFiles(cfg, start)
-    # 3. the loop: an evaluation every eval_every steps and after the last, a checkpoint every save_every
-    bar = tqdm(range(start, cfg.steps + 1), desc=f"RL {cfg.mode}", initial=start, total=cfg.steps + 1,
-               disable=not files.writes)
-    for step in bar:
-        record, speed = {"step": step}, None
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            record.update({f"test_{k}": v for k, v in evaluate(policy, registry, test, cfg).items()})
-            bar.set_description(f"RL {cfg.mode} (test acc {record['test_acc']:.0%})")
-            if step == start and files.writes:
-                tqdm.write(f"step {step}: test accuracy {record['test_acc']:.0%}; format: "
-                           f"{record['test_answered']:.0%} of answers well-formed, "
-                           f"{record['test_called_tool']:.0%} call a tool")
-        if step < cfg.steps:
-            metrics, speed = rl_step(policy, optimizer, registry, world, cfg, step)
-            check_same_adapters(policy.model, step)
-            record.update(metrics)
-            bar.set_postfix(reward=f"{metrics['reward']:.2f}", tool_calls=f"{metrics['tool_calls']:.1f}")
-        files.log(record, speed)
-        if files.writes and step < cfg.steps and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(cfg.out, policy, optimizer, cfg, step + 1)
+    train_loop(policy, optimizer, registry, world, test, cfg, start, files)  # 3. the loop (section 7)
     # 4. results.md, and the report: the table, the reward curve, a trajectory by role
     if files.writes:
         table, curve = write_results(cfg.out, files.history, cfg)
@@ -1319,7 +1364,7 @@ def train(cfg, report=True):
 
 
 # -----------------------------------------------------------------------------
-# 7. Models
+# 10. Models
 #
 # The base the adapters sit on, cached on disk and reused: either the embedded tiny default
 # (a Llama of ~2M parameters and a BPE trained on the task vocabulary, built here), or any HF
@@ -1401,6 +1446,24 @@ def warm_start_settings(cfg):
     defaults = WARM_START_DEFAULTS["tiny" if cfg.model == "tiny" else "pretrained"]
     return tuple(default if value == -1 else value
                  for value, default in zip((cfg.warm_steps, cfg.warm_batch, cfg.warm_lr), defaults))
+
+
+def trajectory_ids(tok, special, trajectory, max_obs_tokens):
+    """A written-out trajectory as (token ids, written-by-policy 0/1 list): the observations are
+    tokenized by observation_ids and cut to max_obs_tokens, exactly as the environment inserts them."""
+    ids, by_policy = [], []
+    rest = trajectory
+    while rest:
+        before, _, after = rest.partition(OBS)
+        content, _, rest = after.partition(OBS_END)
+        piece = tok.encode(before, add_special_tokens=False)
+        ids += piece
+        by_policy += [1] * len(piece)
+        if after:
+            obs = observation_ids(tok, special, content, max_obs_tokens)
+            ids += obs
+            by_policy += [0] * len(obs)
+    return ids, by_policy
 
 
 def imitate_demonstrations(model, tok, params, cfg, lr, device, dtype, desc):
@@ -1659,35 +1722,47 @@ def load_policy(cfg):
                               cfg.seed)
     except ValueError as e:
         raise DartError(f"{e} (--targets={cfg.targets})") from e
-    if sample_dtype is not None:
+    if sample_dtype is not None:  # for good: sampling and evaluation run at it from here on, nothing restores
         hold_frozen_linears(model, sample_dtype)
     return Policy(model, tok, special_ids(tok, device), routing, device, sample_dtype, train_dtype)
 
 
+@contextlib.contextmanager
+def update_precision(policy):
+    """Forwards inside run at train_dtype. When it is lower than the sampling precision, the
+    frozen linear weights are cast down once here, not by autocast in every forward (the same
+    cast, so the same numbers, for a second copy of the weights during the update)."""
+    held, wanted = policy.sample_dtype or torch.float32, policy.train_dtype or torch.float32
+    restore = hold_frozen_linears(policy.model, wanted) if wanted != held else (lambda: None)
+    policy.in_update = True
+    try:
+        yield
+    finally:
+        policy.in_update = False
+        restore()
+
+
+def hold_frozen_linears(model, dtype):
+    """Hold the weights and biases of the frozen linear layers in `dtype`, and return a function
+    that puts the previous tensors back. A tied output layer gets a copy of its own: the embedding
+    table it shares must keep its precision, since its rows enter the residual stream as they are."""
+    kept = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+            for name in ("weight", "bias"):
+                tensor = getattr(module, name)
+                if tensor is not None and tensor.dtype != dtype:
+                    kept.append((module, name, tensor))
+                    setattr(module, name, nn.Parameter(tensor.detach().to(dtype), requires_grad=False))
+
+    def restore():
+        for module, name, tensor in kept:
+            setattr(module, name, tensor)
+    return restore
+
+
 # -----------------------------------------------------------------------------
-# 8. Config and command line, the report, --compare, --bench
-
-
-def option(default, help, valid=None):
-    """A config field with its one-line help text (python dart.py --help prints it) and the test
-    its value must pass, as (predicate, what it allows); checked as soon as the command line is read."""
-    return field(default=default, metadata={"help": help, "valid": valid})
-
-
-def at_least(low):
-    return lambda value: value >= low, f"at least {low}"
-
-
-def above(low):
-    return lambda value: value > low, f"above {low}"
-
-
-def between(low, high):
-    return lambda value: low <= value < high, f"in [{low}, {high})"
-
-
-def one_of(*choices):
-    return lambda value: value in choices, "one of " + ", ".join(choices)
+# 11. Config and command line, the report, --compare, --bench
 
 
 def comma_list(allowed, what, empty_ok=False):
@@ -1701,12 +1776,9 @@ def or_model_default(valid):
 
 
 @dataclass
-class Config:
+class Config(Method):
     # what to run
     model: str = option("tiny", "'tiny' = the embedded default; else an HF model name or folder")
-    mode: str = option("dart", "which adapters write which tokens: " + ", ".join(MODES), one_of(*MODES))
-    steps: int = option(80, "RL steps", at_least(1))
-    seed: int = option(0, "seed of the adapters' initialization, the questions and the sampling", at_least(0))
     out: str = option("", "run directory; default runs/<time>-<mode>-s<seed>-<pid>")
     resume: str = option("", "a run directory to continue from its last checkpoint")
     device: str = option("auto", "auto = cuda, else mps, else cpu", one_of("auto", "cpu", "cuda", "mps"))
@@ -1714,34 +1786,6 @@ class Config:
                                 "natively, float32 elsewhere", one_of("auto", "float32", "bfloat16"))
     train_dtype: str = option("auto", "autocast of the update and the warm start: auto = as --dtype",
                               one_of("auto", "float32", "bfloat16"))
-    # adapters
-    lora_rank: int = option(8, "rank r of EACH adapter (DART has two: 2r units in all)", at_least(1))
-    alpha: float = option(16.0, "LoRA scale is alpha / r", above(0))
-    lora_dropout: float = option(0.0, "dropout on the LoRA branch, in updates only", between(0, 1))
-    targets: str = option(",".join(ATTENTION_AND_MLP), "names of the linear layers that get adapters")
-    # GRPO
-    questions_per_step: int = option(8, "questions per RL step", at_least(1))
-    group_size: int = option(8, "G rollouts per question (GRPO compares the rollouts of a question)", at_least(2))
-    lr: float = option(1e-3, "peak AdamW learning rate of the adapters", above(0))
-    lr_schedule: str = option("cosine", "cosine (warmup, then decay to 10% of lr at the last step) | constant",
-                              one_of("cosine", "constant"))
-    warmup_steps: int = option(5, "steps of linear learning-rate warmup", at_least(0))
-    temperature: float = option(1.0, "sampling temperature; log-probs use the same", above(0))
-    clip_eps: float = option(0.2, "PPO clip range of the ratio", between(0, 1))
-    kl_beta: float = option(0.01, "weight of the k3 KL to the adapters-off reference (0 = skip it)", at_least(0))
-    scale_std: bool = option(True, "divide advantages by the group std (false, with --loss_agg=dr_grpo: Dr. GRPO)")
-    loss_agg: str = option("token_mean", "token_mean | seq_mean | dr_grpo", one_of("token_mean", "seq_mean", "dr_grpo"))
-    updates_per_batch: int = option(1, "> 1 makes the clipping matter; 1 = REINFORCE with a group baseline",
-                                    at_least(1))
-    micro_batch: int = option(8, "rows per forward/backward in the update (memory; the loss is the same at any size)",
-                              at_least(1))
-    max_grad_norm: float = option(1.0, "gradient clipping", above(0))
-    format_bonus: float = option(0.0, "reward for a wrong but well-formed answer (paper: 0)", between(0, 1))
-    # rollout limits
-    max_new_tokens: int = option(80, "tokens per response, observations included", at_least(1))
-    max_tool_calls: int = option(4, "tool calls per response", at_least(0))
-    max_arg_tokens: int = option(24, "tokens in one tool call's argument", at_least(1))
-    max_obs_tokens: int = option(24, "tokens of one observation (the warm start's are cut alike)", at_least(1))
     # the world: the competition dial (toy_tasks.py's naming family)
     conflict: float = option(0.0, "share P of training questions where the tool must write the key (size -> .area) "
                                   "and the answer another form; 0 = the four families alone", between(0, 1))
@@ -1749,9 +1793,7 @@ class Config:
                                            "opposite tokens; aligned: it is the key's name (area), the matched control",
                                 one_of("opposed", "aligned"))
     # evaluation and checkpoints
-    eval_every: int = option(20, "RL steps between greedy test evaluations", at_least(1))
     eval_per_family: int = option(50, "test questions per task family", at_least(1))
-    save_every: int = option(20, "RL steps between checkpoints", at_least(1))
     # the embedded tiny model (its cached base is keyed by these tiny_* fields)
     tiny_dim: int = option(192, "tiny model: hidden size (an even multiple of tiny_heads)", at_least(1))
     tiny_layers: int = option(4, "tiny model: layers", at_least(1))
@@ -2204,7 +2246,7 @@ def benchmark(cfg, repeats=5):
             seconds = timed(device, lambda: grpo_update(p, optimizers[mode], batch, advantages, cfg))[1]
             if repeat:
                 update_s[mode].append(seconds)
-    with policy.update_precision():
+    with update_precision(policy):
         reference_s = [timed(device, lambda: reference_logprobs(policy, batch, micro_batches(batch, cfg.micro_batch),
                                                                 cfg.temperature))[1] for _ in range(repeats)]
     # 4. medians, and the report
@@ -2225,13 +2267,12 @@ def benchmark(cfg, repeats=5):
 
 
 # -----------------------------------------------------------------------------
-# 9. Several processes (torchrun)
+# 12. Several processes (torchrun)
 #
 # Data parallel, as in nanoGPT's train.py: each process holds the whole model and a share of
 # the batch, in whole GRPO groups (so the advantages need no communication). The loss is
 # normalized by the totals of the whole batch and the gradients are summed over processes:
-# N processes take exactly the step that one process takes on the whole batch. In one
-# process every helper below does nothing.
+# N processes take exactly the step that one process takes on the whole batch.
 
 
 def process_rank():

@@ -459,7 +459,7 @@ def role_gradients(policy, batch, advantages, cfg):
     params = dart.trainable(policy.model)
     roles = dart.predicting_roles(batch, policy.special)
     mask = dart.loss_mask(batch, roles, "joint")
-    weights = dart.token_weights(mask, cfg.loss_agg, cfg.max_new_tokens)
+    weights = dart.token_weights(mask, cfg.loss_agg, cfg.max_new_tokens, dart.batch_totals(mask))  # one process
     logp, _ = dart.response_logprobs(policy, batch.ids, batch.attention_mask, batch.prompt_len, cfg.temperature,
                                      with_entropy=False)
     per_token = -advantages[:, None] * torch.where(mask, logp, 0.0) * weights

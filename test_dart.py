@@ -517,14 +517,15 @@ def test_group_advantages():
 
 
 def test_token_weights_aggregations():
+    weights = lambda mask, agg, budget: dart.token_weights(mask, agg, budget, dart.batch_totals(mask))  # one process
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    assert torch.allclose(dart.token_weights(mask, "token_mean", 10), mask.float() / 4)
-    seq_mean = dart.token_weights(mask, "seq_mean", 10)
+    assert torch.allclose(weights(mask, "token_mean", 10), mask.float() / 4)
+    seq_mean = weights(mask, "seq_mean", 10)
     assert torch.allclose(seq_mean[0], torch.tensor([1, 1, 1, 0]) / 3 / 2)
     assert torch.allclose(seq_mean[1], torch.tensor([1.0, 0, 0, 0]) / 2)
-    assert torch.allclose(dart.token_weights(mask, "dr_grpo", 10), mask.float() / 20)
+    assert torch.allclose(weights(mask, "dr_grpo", 10), mask.float() / 20)
     empty_row = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)  # seq_mean: only rows with loss count
-    assert torch.allclose(dart.token_weights(empty_row, "seq_mean", 10).sum(), torch.tensor(1.0))
+    assert torch.allclose(weights(empty_row, "seq_mean", 10).sum(), torch.tensor(1.0))
 
 
 def test_token_loss_clips_the_ratio_and_measures_k3_kl():
@@ -821,7 +822,7 @@ def test_update_precision_casts_frozen_weights_once_with_autocasts_numbers(make_
     model, embedding = policy.model, policy.model.get_input_embeddings().weight
     assert model.get_output_embeddings().weight is embedding  # the tiny model ties them
     policy.train_dtype = torch.bfloat16
-    with policy.update_precision():
+    with dart.update_precision(policy):
         assert {m.weight.dtype for m in frozen_linears(model)} == {torch.bfloat16}  # the output layer too
         assert model.get_input_embeddings().weight is embedding and embedding.dtype == torch.float32
     assert {m.weight.dtype for m in frozen_linears(model)} == {torch.float32}
@@ -850,7 +851,7 @@ def test_sampling_precision_holds_the_frozen_weights_in_it(make_policy, monkeypa
     assert held.model.get_input_embeddings().weight.dtype == torch.float32
     casts = []
     monkeypatch.setattr(dart, "hold_frozen_linears", lambda model, dtype: casts.append(dtype) or (lambda: None))
-    with held.update_precision():
+    with dart.update_precision(held):
         assert casts == []
     cast_each_time, _ = make_policy("dart", randomize=0.02, dtype="bfloat16")
     assert {m.weight.dtype for m in frozen_linears(cast_each_time.model)} == {torch.float32}
@@ -912,7 +913,7 @@ def test_gpu_rollout_logprobs_agree_with_training_in_bfloat16(make_policy, mode)
     1e-4 as in float32), and both route every position alike."""
     policy, cfg = make_policy(mode, randomize=0.02, device="cuda", dtype="bfloat16")
     out = sampled(policy, cfg, prompts_for(policy, 4, seed=3, group=3))
-    with torch.no_grad(), policy.update_precision():
+    with torch.no_grad(), dart.update_precision(policy):
         logp, _ = dart.response_logprobs(policy, out.ids, out.attention_mask, out.prompt_len, 1.0)
     gap = (logp - out.logprobs)[out.written_by_policy].abs()
     assert gap.mean() < 0.05 and gap.max() < 1.0, (gap.mean(), gap.max())
@@ -1141,7 +1142,7 @@ def test_the_report_shows_a_multihop_trajectory_and_the_demonstrators_wrong_call
     tasks = [sample_tasks(1, "test", family=family)[0] for family in toy_tasks.FAMILIES]
     metrics = {f"test_{k}": v for k, v in dart.evaluate(mute, REGISTRY, tasks, cfg).items()}
     assert metrics["test_tool_calls"] == 0 and metrics["test_valid_calls"] is None
-    assert re.search(r"\| valid tool calls +\| +n/a \| +n/a \|", dart.results_table(metrics, metrics))
+    assert re.search(r"\| valid tool calls +\| +n/a \| +n/a \|", dart.results_table(metrics, metrics, WORLD))
     assert dart.mean_std([None], 100) == "n/a" and dart.mean_std([0.5, None, 1.0], 100) == "75±35"
 
 
@@ -1453,7 +1454,7 @@ BAD_VALUES = {
     "max_tool_calls": -1, "max_arg_tokens": 0, "max_obs_tokens": 0, "eval_every": 0, "eval_per_family": 0,
     "save_every": 0, "tiny_dim": 0, "tiny_layers": 0, "tiny_heads": 0, "tiny_vocab": 0, "warm_steps": -2,
     "warm_batch": 0, "warm_lr": 0, "warm_seed": -2, "seeds": 0, "samples": 0, "per_family": 0, "bootstrap": 10,
-    "grad_questions": 0, "grad_rollouts": 0,
+    "grad_questions": 0, "grad_rollouts": 0, "conflict": 1.0,
 }
 
 
