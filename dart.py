@@ -257,6 +257,7 @@ from collections import deque
 from dataclasses import field
 
 import numpy as np
+import torch.distributed as dist
 from tqdm import tqdm
 
 import toy_tasks
@@ -1339,7 +1340,6 @@ def train(cfg, report=True):
                         f"processes ({process_count()}): each process rolls out whole groups")
     stamp = time.strftime("%Y%m%d-%H%M%S")  # and the pid: two runs started in one second get two folders
     cfg.out = broadcast_from_first(cfg.out or os.path.join("runs", f"{stamp}-{cfg.mode}-s{cfg.seed}-{os.getpid()}"))
-    autocast_dtypes(cfg, resolve_device(cfg))  # a missing device or a bad pair of dtypes: refused before the claim
     claim(cfg.out)
     if not cfg.resume and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
         raise DartError(f"{cfg.out} already holds a run; continue it with --resume={cfg.out}, or pass another --out")
@@ -1828,21 +1828,16 @@ class Config(Method):
     export_peft: str = option("", "write this run directory's adapters as PEFT LoRA adapters (in RUN/peft)")
 
 
-def check_value(name, value, kind, valid, where=""):
-    """One option's value against its type and its range or set; a DartError names all three."""
-    type_ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool)) or (
-        kind is float and isinstance(value, int) and not isinstance(value, bool))
-    if not type_ok:
-        raise DartError(f"{where}--{name} must be a {kind.__name__}, not {value!r}")
-    if valid is not None and not valid[0](value):
-        raise DartError(f"{where}--{name} must be {valid[1]}, not {value!r}")
-
-
 def check_config(cfg, where=""):
     """Every option in its range, and the combinations that make sense: checked before any model is
     built or any file written, so that a typo costs a second, not minutes."""
-    for f in dataclasses.fields(cfg):
-        check_value(f.name, getattr(cfg, f.name), f.type, f.metadata.get("valid"), where)
+    for f in dataclasses.fields(cfg):  # each value against its type, then its range or set
+        value, kind, valid = getattr(cfg, f.name), f.type, f.metadata.get("valid")
+        if not (isinstance(value, kind) and not (kind is int and isinstance(value, bool)) or (
+                kind is float and isinstance(value, int) and not isinstance(value, bool))):
+            raise DartError(f"{where}--{f.name} must be a {kind.__name__}, not {value!r}")
+        if valid is not None and not valid[0](value):
+            raise DartError(f"{where}--{f.name} must be {valid[1]}, not {value!r}")
     if not isinstance(cfg, Config):
         return
     if cfg.tiny_dim % cfg.tiny_heads or cfg.tiny_dim // cfg.tiny_heads % 2:  # rotary embeddings pair up units
@@ -1896,13 +1891,12 @@ def parse_args(argv, defaults=None, names=None):
 
 def help_text(usage, *config_classes):
     """The docstring, then every option with its default and its help."""
-    lines, shown = [usage, "options (default):"], set()
+    fields = {}
     for kind in config_classes:
         for f in dataclasses.fields(kind):
-            if f.name not in shown:  # a name in two classes: the first one parses it
-                lines.append(f"  --{f.name}={f.default}".ljust(36) + f"  {f.metadata['help']}")
-                shown.add(f.name)
-    return "\n".join(lines)
+            fields.setdefault(f.name, f)  # a name in two classes: the first one parses it
+    return "\n".join([usage, "options (default):"] + [f"  --{f.name}={f.default}".ljust(36) + f"  {f.metadata['help']}"
+                                                      for f in fields.values()])
 
 
 # ---- what the user sees at the end ----
@@ -2130,11 +2124,9 @@ def sweep_table(results, modes, ranks):
     others = [m for m in modes if m != "dart"] if "dart" in modes else []
     rows = []
     for rank in ranks:
-        row = [rank] + [mean_std([r["final"]["test_acc"] for r in results[rank][m]], 100) for m in modes]
-        for m in others:
-            mean, (lo, hi) = mode_difference(results[rank], "dart", m)
-            row.append(f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]")
-        rows.append(row)
+        differences = [mode_difference(results[rank], "dart", m) for m in others]
+        rows.append([rank] + [mean_std([r["final"]["test_acc"] for r in results[rank][m]], 100) for m in modes]
+                    + [f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" for mean, (lo, hi) in differences])
     return markdown_table(["LoRA rank r", *modes, *(f"dart - {m}" for m in others)], rows)
 
 
@@ -2217,8 +2209,8 @@ def benchmark(cfg, repeats=5):
     rng = random.Random(cfg.seed)
     tasks = [toy_tasks.sample_task(rng, world, "train") for _ in range(cfg.questions_per_step * cfg.group_size)]
     prompts = [prompt_ids(policy.tok, t.question) for t in tasks]
-    seeded = lambda: torch.Generator(device).manual_seed(0)
-    batch = rollout(policy, registry, prompts, cfg, cfg.temperature, seeded())
+    roll_out = lambda: rollout(policy, registry, prompts, cfg, cfg.temperature, torch.Generator(device).manual_seed(0))
+    batch = roll_out()
     # 2. sampling: the engine with tool calls, the same without the adapters, and generate() without tools,
     # before any update: the adapters are still zero, so all three sample the same tokens, and the engine's
     # difference with the adapters off is what the LoRA branches cost
@@ -2226,10 +2218,9 @@ def benchmark(cfg, repeats=5):
     new_tokens = batch.written_by_policy.shape[1]
     engine_s, base_engine_s, generate_s = [], [], []
     for _ in tqdm(range(repeats), desc="bench: engine vs generate"):
-        engine_s.append(timed(device, lambda: rollout(policy, registry, prompts, cfg, cfg.temperature, seeded()))[1])
+        engine_s.append(timed(device, roll_out)[1])
         with adapters_off(policy.routing):
-            base_engine_s.append(timed(device, lambda: rollout(policy, registry, prompts, cfg, cfg.temperature,
-                                                               seeded()))[1])
+            base_engine_s.append(timed(device, roll_out)[1])
         policy.routing.route(torch.tensor(REASONING, device=device))  # one gate for every token
         with torch.no_grad(), autocast(device, policy.sample_dtype):
             generate_s.append(timed(device, lambda: policy.model.generate(
@@ -2276,19 +2267,17 @@ def benchmark(cfg, repeats=5):
 
 
 def process_rank():
-    dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def process_count():
-    dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def all_reduce_sum(tensor):
     """Sum a tensor over the processes, in place."""
     if process_count() > 1:
-        torch.distributed.all_reduce(tensor)
+        dist.all_reduce(tensor)
     return tensor
 
 
@@ -2298,7 +2287,7 @@ def sum_gradients(params):
     if process_count() == 1:
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    torch.distributed.all_reduce(flat)
+    dist.all_reduce(flat)
     for p, grad in zip(params, flat.split([p.numel() for p in params])):
         p.grad = grad.view_as(p).clone()
 
@@ -2308,7 +2297,7 @@ def gather_lists(local):
     if process_count() == 1:
         return local
     parts = [None] * process_count()
-    torch.distributed.all_gather_object(parts, local)
+    dist.all_gather_object(parts, local)
     return [item for part in parts for item in part]
 
 
@@ -2316,7 +2305,7 @@ def broadcast_from_first(value):
     """Rank 0's value, on every process."""
     if process_count() > 1:
         box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0)
         value = box[0]
     return value
 
@@ -2325,10 +2314,10 @@ def broadcast_from_first(value):
 def first_process_first():
     """Rank 0 runs the body before the others: it builds and caches the base, they read the cache."""
     if process_rank() > 0:
-        torch.distributed.barrier()
+        dist.barrier()
     yield
     if process_rank() == 0 and process_count() > 1:
-        torch.distributed.barrier()
+        dist.barrier()
 
 
 def check_same_adapters(model, step):
@@ -2351,7 +2340,7 @@ def init_distributed(cfg):
     cuda = resolve_device(cfg).startswith("cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
 
 
 def resumed_config(argv, run_dir):
@@ -2400,7 +2389,7 @@ def cli(run, argv):
         sys.exit(f"error: {e}")
     finally:
         if process_count() > 1:
-            torch.distributed.destroy_process_group()
+            dist.destroy_process_group()
 
 
 def main(argv):
