@@ -965,10 +965,9 @@ def skill_rates(tasks, texts, skills):
 def evaluate(policy, registry, tasks, cfg, batch_size=256):
     """Greedy accuracy on `tasks` per family and per skill, tool use, format health, and each
     question's 0/1 result (for paired comparisons). Under torchrun each process answers a share."""
-    rank, count = process_rank(), process_count()
-    mine = list(range(rank, len(tasks), count))
+    mine = list(range(process_rank(), len(tasks), process_count()))
     answers = []
-    for start in tqdm(range(0, len(mine), batch_size), desc="eval", leave=False, disable=rank > 0):
+    for start in tqdm(range(0, len(mine), batch_size), desc="eval", leave=False, disable=process_rank() > 0):
         index = mine[start:start + batch_size]
         out = rollout(policy, registry, [prompt_ids(policy.tok, tasks[i].question) for i in index], cfg, temperature=0)
         answers += zip(index, [int(toy_tasks.reward(text, tasks[i]) == 1.0) for text, i in zip(out.texts, index)],
@@ -1250,10 +1249,9 @@ def train_or_reuse(run):
 
 
 def runs_folder(cfg):
-    """Where the runs of --compare and leas.py live, found and reused by any command with the same
-    settings: runs/<model>-<hash>/r<rank>/<mode>-s<seed>, the hash of the settings they share as
-    resolved on this machine (alpha/r included) and of their base's key (the world, the tools'
-    answers in the demonstrations, the warm start)."""
+    """Where the runs of --compare and leas.py live, found and reused by any command with the same settings:
+    runs/<model>-<hash>/r<rank>/<mode>-s<seed>, the hash of the settings they share as resolved on this machine
+    (alpha/r included) and of their base's key (the world, the tools' answers in the demonstrations, the warm start)."""
     shared = {k: v for k, v in dataclasses.asdict(resolved(cfg)).items()
               if k not in NOT_THE_RUN | {"mode", "seed", "lora_rank", "alpha"}}
     shared.update(alpha_over_rank=cfg.alpha / cfg.lora_rank, base=base_key(cfg))
@@ -1409,9 +1407,8 @@ def hf_model(cfg):
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32)
     except Exception as e:  # hub, network and format errors all mean the same thing to the user
-        raise DartError(f"cannot load --model={name} ({type(e).__name__}: {str(e).splitlines()[0][:150]}). "
-                        f"Pass a folder with config.json and weights, or omit --model for the embedded tiny "
-                        f"model.") from e
+        raise DartError(f"cannot load --model={name} ({type(e).__name__}: {str(e).splitlines()[0][:150]}). Pass a "
+                        f"folder with config.json and weights, or omit --model for the embedded tiny model.") from e
     if missing := sorted(set(cfg.targets.split(",")) - linear_names(model)):
         raise DartError(f"--targets={cfg.targets}: --model={name} has no linear layer named {missing[0]}; "
                         f"its linear layers are {', '.join(sorted(linear_names(model)))}")
@@ -1451,8 +1448,7 @@ def warm_start_settings(cfg):
 def trajectory_ids(tok, special, trajectory, max_obs_tokens):
     """A written-out trajectory as (token ids, written-by-policy 0/1 list): the observations are
     tokenized by observation_ids and cut to max_obs_tokens, exactly as the environment inserts them."""
-    ids, by_policy = [], []
-    rest = trajectory
+    ids, by_policy, rest = [], [], trajectory
     while rest:
         before, _, after = rest.partition(OBS)
         content, _, rest = after.partition(OBS_END)
@@ -1941,8 +1937,7 @@ def results_table(before, after, world):
 
 
 def render_trajectory(policy, batch, row, colour):
-    """One response with every token marked by who wrote it: the reasoning adapter, the tool
-    adapter, or the environment (observations)."""
+    """One response, every token marked by who wrote it: the reasoning adapter, the tool adapter, the environment."""
     response = batch.ids[row, batch.prompt_len:]
     roles = batch.roles[row, batch.prompt_len - 1:-1]
     pieces = []
@@ -2020,8 +2015,7 @@ def print_report(run_dir, table, curve, policy, registry, test, cfg):
 
 
 def run_summary(run_dir):
-    """One finished run: its evaluations (all; before RL, step 0; at the end; at their best), its
-    parameter count, peak memory and speed."""
+    """One finished run: its evaluations (all, before RL, final, best), parameter count, peak memory, speed."""
     evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "test_acc" in r]
     speed = read_jsonl(os.path.join(run_dir, "speed.jsonl"))
     params = sum(t.numel() for t in load_adapters(run_dir).values())
@@ -2034,8 +2028,7 @@ def run_summary(run_dir):
 
 
 def mean_std(values, scale=1.0, digits=0):
-    """'mean±std' over seeds (sample std), or the single value; None values (a share of zero
-    tool calls) are left out, and 'n/a' stands for none at all."""
+    """'mean±std' over seeds (sample std), or the single value; None (a share of zero calls) left out; none: 'n/a'."""
     values = np.asarray([v for v in values if v is not None], dtype=float) * scale
     if not len(values):
         return "n/a"
@@ -2155,7 +2148,6 @@ def compare_modes(cfg):
     ranks = [int(r) for r in cfg.ranks.split(",")] if cfg.ranks else [cfg.lora_rank]
     out = broadcast_from_first(cfg.out or runs_folder(cfg))
     scale = cfg.alpha / cfg.lora_rank
-    device = resolve_device(cfg)
     # 1. every (rank, mode, seed) run, trained or reused
     results = {rank: {mode: [] for mode in modes} for rank in ranks}
     for rank in ranks:  # alpha/r kept: --alpha itself at --lora_rank, elsewhere rounded as a user would type it
@@ -2174,7 +2166,7 @@ def compare_modes(cfg):
     for rank in ranks:
         header = (f"LoRA rank {rank} (joint: r, joint2r: 2r, dart: r + r; alpha {scale * rank:g}), {cfg.seeds} "
                   f"seed(s), {cfg.steps} RL steps of {cfg.questions_per_step}x{cfg.group_size} rollouts, model "
-                  f"{cfg.model}, device {device}; final test accuracy in %, mean±std over seeds")
+                  f"{cfg.model}, device {resolve_device(cfg)}; final test accuracy in %, mean±std over seeds")
         differences = "\n".join(difference_line(results[rank], "dart", m) for m in others)
         curve = others and ("the learning curves: dart's paired differences at each evaluation, in points, 95% "
                             "intervals over seeds and questions\n\n" + curve_table(results[rank], others))
