@@ -2101,26 +2101,15 @@ def stability_table(summaries):
     return markdown_table(("mode", "seed", "best test acc (step)", "final", "final - best"), rows)
 
 
-def curve_table(summaries, others):
-    """dart's paired differences at every evaluation, not only the last: sharing may slow a role
-    before it caps it. Each run's per-question results at that step, paired by seed and question."""
-    rows = []
-    for at, record in enumerate(summaries["dart"][0]["evals"]):
+def differences_table(first, rows, modes, others):
+    """One row per (label, summaries, evaluation index): each of `modes`' final test accuracy (mean±std over
+    seeds), then dart's paired difference with each of `others` at that evaluation (points, 95% interval)."""
+    table = []
+    for label, summaries, at in rows:
         differences = [mode_difference(summaries, "dart", m, at) for m in others]
-        rows.append([record["step"]] + [f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" for mean, (lo, hi) in differences])
-    return markdown_table(["RL step", *(f"dart - {m}" for m in others)], rows)
-
-
-def sweep_table(results, modes, ranks):
-    """One row per LoRA rank: each mode's final accuracy (mean±std over seeds) and dart's paired
-    difference with every other mode (points, 95% interval)."""
-    others = [m for m in modes if m != "dart"] if "dart" in modes else []
-    rows = []
-    for rank in ranks:
-        differences = [mode_difference(results[rank], "dart", m) for m in others]
-        rows.append([rank] + [mean_std([r["final"]["test_acc"] for r in results[rank][m]], 100) for m in modes]
-                    + [f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" for mean, (lo, hi) in differences])
-    return markdown_table(["LoRA rank r", *modes, *(f"dart - {m}" for m in others)], rows)
+        table.append([label] + [mean_std([r["final"]["test_acc"] for r in summaries[m]], 100) for m in modes]
+                     + [f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" for mean, (lo, hi) in differences])
+    return markdown_table([first, *modes, *(f"dart - {m}" for m in others)], table)
 
 
 def interval_chart(rows, width=41):
@@ -2163,19 +2152,22 @@ def compare_modes(cfg):
     # 2. per rank: the table of modes, dart's paired differences, each run's best against its final
     others = [m for m in modes if m != "dart"] if "dart" in modes else []
     sections = []
-    for rank in ranks:
+    for rank, summaries in results.items():
         header = (f"LoRA rank {rank} (joint: r, joint2r: 2r, dart: r + r; alpha {scale * rank:g}), {cfg.seeds} "
                   f"seed(s), {cfg.steps} RL steps of {cfg.questions_per_step}x{cfg.group_size} rollouts, model "
                   f"{cfg.model}, device {resolve_device(cfg)}; final test accuracy in %, mean±std over seeds")
-        differences = "\n".join(difference_line(results[rank], "dart", m) for m in others)
+        differences = "\n".join(difference_line(summaries, "dart", m) for m in others)
+        # dart's differences at every evaluation, not only the last: sharing may slow a role before it caps it
+        steps = [(e["step"], summaries, at) for at, e in enumerate(summaries["dart"][0]["evals"])] if others else []
         curve = others and ("the learning curves: dart's paired differences at each evaluation, in points, 95% "
-                            "intervals over seeds and questions\n\n" + curve_table(results[rank], others))
-        sections.append("\n\n".join(part for part in (header, compare_table(results[rank]), differences, curve,
-                                                      stability_table(results[rank])) if part))
+                            "intervals over seeds and questions\n\n" + differences_table("RL step", steps, [], others))
+        parts = (header, compare_table(summaries), differences, curve, stability_table(summaries))
+        sections.append("\n\n".join(part for part in parts if part))
     # 3. across ranks: the sweep's table and the chart of dart - joint
     if len(ranks) > 1:
         sections.append("the sweep: final test accuracy in %, mean±std over seeds; dart's paired differences in "
-                        "points with 95% intervals over seeds and questions\n\n" + sweep_table(results, modes, ranks))
+                        "points with 95% intervals over seeds and questions\n\n"
+                        + differences_table("LoRA rank r", [(r, results[r], -1) for r in ranks], modes, others))
         if {"dart", "joint"} <= set(modes):
             rows = [(f"r={rank}", *mode_difference(results[rank], "dart", "joint")) for rank in ranks]
             sections.append("dart - joint against the LoRA rank, points (95% interval):\n" + interval_chart(rows))
