@@ -1283,7 +1283,7 @@ class RunFiles:
     trains leaves nothing behind. Under torchrun only rank 0 writes."""
 
     def __init__(self, cfg, start):
-        self.dir, self.mode, self.writes, self.history = cfg.out, cfg.mode, process_rank() == 0, []
+        self.dir, self.mode, self.first, self.writes, self.history = cfg.out, cfg.mode, start, process_rank() == 0, []
         if not self.writes:
             return
         os.makedirs(self.dir, exist_ok=True)
@@ -1303,10 +1303,8 @@ class RunFiles:
         with open(os.path.join(self.dir, name), "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def progress(self, steps):
-        """The steps on a progress bar, which log() annotates (rank 0's alone shows)."""
-        self.first, self.bar = steps.start, tqdm(steps, desc=f"RL {self.mode}", initial=steps.start,
-                                                 total=steps.stop, disable=not self.writes)
+    def progress(self, steps):  # the steps on a progress bar, which log() annotates (rank 0's alone shows)
+        self.bar = tqdm(steps, desc=f"RL {self.mode}", initial=steps.start, total=steps.stop, disable=not self.writes)
         return self.bar
 
     def log(self, record, speed):
@@ -1519,18 +1517,6 @@ def warm_dtype(cfg, device):
     return None if cfg.model == "tiny" else autocast_dtypes(cfg, device)[1]
 
 
-def embedding_scale(embed, ids):
-    """The factor by which the input embedding multiplies a row (1 for most models, sqrt(hidden size)
-    in Gemma), measured on the rows `ids`. A module that does more is refused: no hook can stand in."""
-    with torch.no_grad():
-        rows, out = embed.weight[ids].float(), embed(ids).float()
-        scale = ((out * rows).sum() / (rows * rows).sum()).item()
-    if not torch.allclose(out, scale * rows, rtol=1e-2, atol=1e-2 * out.abs().max().item()):
-        raise DartError(f"the input embedding ({type(embed).__name__}) does more than scale its rows, so "
-                        f"--warm_weights=lora cannot train the tags' rows; use --warm_weights=all")
-    return scale
-
-
 def trainable_tag_rows(model, tag_ids):
     """The tags' rows of the input and output embeddings as parameters of their own (one when tied),
     put in place by forward hooks, so that no gradient or AdamW moment covers the whole vocabulary.
@@ -1539,7 +1525,12 @@ def trainable_tag_rows(model, tag_ids):
     ids = torch.tensor(tag_ids, device=embed.weight.device)
     rows_in = nn.Parameter(embed.weight[ids].detach().float().clone())
     rows_out = rows_in if head.weight is embed.weight else nn.Parameter(head.weight[ids].detach().float().clone())
-    scale = embedding_scale(embed, ids)
+    with torch.no_grad():  # the factor the embedding multiplies a row by (1 mostly, sqrt(hidden size) in Gemma)
+        rows, out = embed.weight[ids].float(), embed(ids).float()
+        scale = ((out * rows).sum() / (rows * rows).sum()).item()
+    if not torch.allclose(out, scale * rows, rtol=1e-2, atol=1e-2 * out.abs().max().item()):  # no hook can stand in
+        raise DartError(f"the input embedding ({type(embed).__name__}) does more than scale its rows, so "
+                        f"--warm_weights=lora cannot train the tags' rows; use --warm_weights=all")
     slot = torch.full(embed.weight.shape[:1], -1, device=ids.device)  # token id -> its tag's row, or -1
     slot[ids] = torch.arange(len(ids), device=ids.device)
 
@@ -1780,8 +1771,7 @@ class Config(Method):
     device: str = option("auto", "auto = cuda, else mps, else cpu", one_of("auto", "cpu", "cuda", "mps"))
     dtype: str = option("auto", "autocast of sampling and evaluation: auto = bfloat16 on a GPU that computes it "
                                 "natively, float32 elsewhere", one_of("auto", "float32", "bfloat16"))
-    train_dtype: str = option("auto", "autocast of the update and the warm start: auto = as --dtype",
-                              one_of("auto", "float32", "bfloat16"))
+    train_dtype: str = option("auto", "update, warm-start autocast: as --dtype", one_of("auto", "float32", "bfloat16"))
     # the world: the competition dial (toy_tasks.py's naming family)
     conflict: float = option(0.0, "share P of training questions where the tool must write the key (size -> .area) "
                                   "and the answer another form; 0 = the four families alone", between(0, 1))
@@ -1809,8 +1799,7 @@ class Config(Method):
                                        "and the tags' rows: fits a laptop GPU); auto = lora on CUDA, all elsewhere",
                                one_of("auto", "all", "lora"))
     cache_dir: str = option("runs/cache", "where warm-started bases are cached")
-    cached_base: str = option("", "the cached base a run trains on; set by the run and recorded in its config.json, "
-                                  "so that --resume and --export_peft use it even on another device")
+    cached_base: str = option("", "the base a run trains on: set by it, for --resume and --export_peft on any device")
     # other commands
     compare: bool = option(False, "train every mode on the same budget and print one table")
     modes: str = option("joint,joint2r,dart,two_agent,mixlora", "--compare: the modes to train, comma-separated",
@@ -2101,26 +2090,15 @@ def stability_table(summaries):
     return markdown_table(("mode", "seed", "best test acc (step)", "final", "final - best"), rows)
 
 
-def curve_table(summaries, others):
-    """dart's paired differences at every evaluation, not only the last: sharing may slow a role
-    before it caps it. Each run's per-question results at that step, paired by seed and question."""
-    rows = []
-    for at, record in enumerate(summaries["dart"][0]["evals"]):
+def differences_table(first, rows, modes, others):
+    """One row per (label, summaries, evaluation index): each of `modes`' final test accuracy (mean±std over
+    seeds), then dart's paired difference with each of `others` at that evaluation (points, 95% interval)."""
+    table = []
+    for label, summaries, at in rows:
         differences = [mode_difference(summaries, "dart", m, at) for m in others]
-        rows.append([record["step"]] + [f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" for mean, (lo, hi) in differences])
-    return markdown_table(["RL step", *(f"dart - {m}" for m in others)], rows)
-
-
-def sweep_table(results, modes, ranks):
-    """One row per LoRA rank: each mode's final accuracy (mean±std over seeds) and dart's paired
-    difference with every other mode (points, 95% interval)."""
-    others = [m for m in modes if m != "dart"] if "dart" in modes else []
-    rows = []
-    for rank in ranks:
-        differences = [mode_difference(results[rank], "dart", m) for m in others]
-        rows.append([rank] + [mean_std([r["final"]["test_acc"] for r in results[rank][m]], 100) for m in modes]
-                    + [f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" for mean, (lo, hi) in differences])
-    return markdown_table(["LoRA rank r", *modes, *(f"dart - {m}" for m in others)], rows)
+        table.append([label] + [mean_std([r["final"]["test_acc"] for r in summaries[m]], 100) for m in modes]
+                     + [f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" for mean, (lo, hi) in differences])
+    return markdown_table([first, *modes, *(f"dart - {m}" for m in others)], table)
 
 
 def interval_chart(rows, width=41):
@@ -2163,19 +2141,22 @@ def compare_modes(cfg):
     # 2. per rank: the table of modes, dart's paired differences, each run's best against its final
     others = [m for m in modes if m != "dart"] if "dart" in modes else []
     sections = []
-    for rank in ranks:
+    for rank, summaries in results.items():
         header = (f"LoRA rank {rank} (joint: r, joint2r: 2r, dart: r + r; alpha {scale * rank:g}), {cfg.seeds} "
                   f"seed(s), {cfg.steps} RL steps of {cfg.questions_per_step}x{cfg.group_size} rollouts, model "
                   f"{cfg.model}, device {resolve_device(cfg)}; final test accuracy in %, mean±std over seeds")
-        differences = "\n".join(difference_line(results[rank], "dart", m) for m in others)
+        differences = "\n".join(difference_line(summaries, "dart", m) for m in others)
+        # dart's differences at every evaluation, not only the last: sharing may slow a role before it caps it
+        steps = [(e["step"], summaries, at) for at, e in enumerate(summaries["dart"][0]["evals"])] if others else []
         curve = others and ("the learning curves: dart's paired differences at each evaluation, in points, 95% "
-                            "intervals over seeds and questions\n\n" + curve_table(results[rank], others))
-        sections.append("\n\n".join(part for part in (header, compare_table(results[rank]), differences, curve,
-                                                      stability_table(results[rank])) if part))
+                            "intervals over seeds and questions\n\n" + differences_table("RL step", steps, [], others))
+        parts = (header, compare_table(summaries), differences, curve, stability_table(summaries))
+        sections.append("\n\n".join(part for part in parts if part))
     # 3. across ranks: the sweep's table and the chart of dart - joint
     if len(ranks) > 1:
         sections.append("the sweep: final test accuracy in %, mean±std over seeds; dart's paired differences in "
-                        "points with 95% intervals over seeds and questions\n\n" + sweep_table(results, modes, ranks))
+                        "points with 95% intervals over seeds and questions\n\n"
+                        + differences_table("LoRA rank r", [(r, results[r], -1) for r in ranks], modes, others))
         if {"dart", "joint"} <= set(modes):
             rows = [(f"r={rank}", *mode_difference(results[rank], "dart", "joint")) for rank in ranks]
             sections.append("dart - joint against the LoRA rank, points (95% interval):\n" + interval_chart(rows))

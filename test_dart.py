@@ -1147,9 +1147,8 @@ def test_the_report_shows_a_multihop_trajectory_and_the_demonstrators_wrong_call
 
 
 def test_paired_differences_the_sweep_table_and_its_chart():
-    """The paired bootstrap detects a difference every seed shows, not one a seed contradicts; the
-    sweep's table has a row per rank with each mode's mean±std and dart's paired differences; the
-    chart marks each interval, its mean and zero."""
+    """The paired bootstrap detects a difference every seed shows, not one a seed contradicts; the sweep's table:
+    a row per rank, each mode's mean±std and dart's paired differences; the chart: each interval, its mean, zero."""
     ones, zeros = np.ones((3, 40)), np.zeros((3, 40))
     assert dart.paired_difference(ones, zeros) == (100.0, (100.0, 100.0))
     rng = np.random.default_rng(0)
@@ -1167,8 +1166,9 @@ def test_paired_differences_the_sweep_table_and_its_chart():
     assert abs(mean) < 1e-9 and lo < 0 < hi
     assert line().endswith("no detectable difference at this budget")
     halves = np.tile([1, 0], (2, 5))
-    results = {1: {"joint": runs(halves), "dart": runs(ones[:2, :10])}, 8: {"joint": runs(ones), "dart": runs(ones)}}
-    table = [line.replace(" ", "") for line in dart.sweep_table(results, ["joint", "dart"], [1, 8]).splitlines()]
+    rows = [(1, {"joint": runs(halves), "dart": runs(ones[:2, :10])}, -1),
+            (8, {"joint": runs(ones), "dart": runs(ones)}, -1)]
+    table = dart.differences_table("LoRA rank r", rows, ["joint", "dart"], ["joint"]).replace(" ", "").splitlines()
     mean, (lo, hi) = dart.paired_difference(ones[:2, :10], halves)
     assert table[0] == "|LoRArankr|joint|dart|dart-joint|" and lo > 0
     assert table[2] == f"|1|50±0|100±0|+50.0[{lo:+.1f},{hi:+.1f}]|" and table[3] == "|8|100±0|100±0|+0.0[+0.0,+0.0]|"
