@@ -978,8 +978,7 @@ def evaluate(policy, registry, tasks, cfg, batch_size=256):
         metrics[f"acc_{family}"] = float(np.mean([c for c, t in zip(correct, tasks) if t.family == family]))
     metrics.update(skill_rates(tasks, texts, world_of(cfg).skill_roles))
     stats = call_stats(texts, calls, observations, errors)
-    metrics.update({key: stats[key] for key in ("tool_calls", "valid_calls", "answered", "called_tool")})
-    metrics["correct"] = correct
+    metrics.update({k: stats[k] for k in ("tool_calls", "valid_calls", "answered", "called_tool")}, correct=correct)
     return metrics
 
 
@@ -1130,10 +1129,8 @@ def write_peft_adapters(run_dir):
     state, path = load_adapters(run_dir), os.path.join(run_dir, "adapters.safetensors")
     names = ("reasoning", "tool") if BLOCK_GATES[cfg.mode] == BLOCK_GATES["dart"] else ("shared",)
     lora_rank = cfg.lora_rank * (2 if cfg.mode == "joint2r" else 1)  # joint2r: one rank-2r LoRA, scale alpha / 2r
-    folders = []
     for block, name in enumerate(names):
-        units = block_units(block, lora_rank)
-        tensors = {}
+        units, tensors = block_units(block, lora_rank), {}
         for key, value in state.items():  # e.g. model.layers.0.self_attn.q_proj.lora_A
             module, part = key.rsplit(".", 1)
             if part not in ("lora_A", "lora_B") or value.shape[0 if part == "lora_A" else 1] < units.stop:
@@ -1149,8 +1146,7 @@ def write_peft_adapters(run_dir):
             "target_modules": sorted({k.rsplit(".", 2)[1] for k in state}),
             "base_model_name_or_path": cfg.cached_base or os.path.abspath(base_path(cfg)), "inference_mode": True,
             "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None})
-        folders.append(folder)
-    return folders
+    return [os.path.join(run_dir, "peft", name) for name in names]
 
 
 def load_adapters(run_dir):
@@ -1278,9 +1274,8 @@ def no_signal_warning(history):
 
 
 class RunFiles:
-    """The run directory: config.json, metrics.jsonl (a JSON object per step), speed.jsonl. Created
-    once the model is loaded and a resumed run's checkpoint read, so that a run that fails before it
-    trains leaves nothing behind. Under torchrun only rank 0 writes."""
+    """The run directory: config.json, metrics.jsonl (a JSON object per step), speed.jsonl. Created once the model
+    is loaded and a resumed run's checkpoint read: a run that fails before it trains leaves nothing. Rank 0 writes."""
 
     def __init__(self, cfg, start):
         self.dir, self.mode, self.first, self.writes, self.history = cfg.out, cfg.mode, start, process_rank() == 0, []
@@ -1927,10 +1922,9 @@ def results_table(before, after, world):
 
 def render_trajectory(policy, batch, row, colour):
     """One response, every token marked by who wrote it: the reasoning adapter, the tool adapter, the environment."""
-    response = batch.ids[row, batch.prompt_len:]
     roles = batch.roles[row, batch.prompt_len - 1:-1]
     pieces = []
-    for j, token in enumerate(response.tolist()):
+    for j, token in enumerate(batch.ids[row, batch.prompt_len:].tolist()):
         if not batch.attention_mask[row, batch.prompt_len + j]:
             break
         writer = "observation" if not batch.written_by_policy[row, j] else ("tool" if roles[j] == TOOL else "reasoning")
@@ -1961,9 +1955,8 @@ def verdict(text, task, error_count):
 
 
 def showcase(policy, registry, test, cfg):
-    """The trajectory to show: of the multihop test questions on which the warm start's
-    demonstrator writes a wrong tool call (any multihop question, if none), the first that the
-    policy answers right, greedily, or else the first one, marked wrong."""
+    """The trajectory to show: of the multihop test questions on which the warm start's demonstrator writes a wrong
+    tool call (any multihop question, if none), the first the policy answers right, greedily, else the first (wrong)."""
     multihop = [t for t in test if t.family == "multihop"]
     tricky = [t for t in multihop if slipped_call(t)] or multihop
     out = rollout(policy, registry, [prompt_ids(policy.tok, t.question) for t in tricky], cfg, temperature=0)
@@ -1991,8 +1984,8 @@ def print_report(run_dir, table, curve, policy, registry, test, cfg):
     slip = slipped_call(example)
     print(f"a multihop test question, answered greedily ({legend}):\n  {example.question}\n  "
           f"{render_trajectory(policy, out, row, colour)}\n  gold: {example.answer} ({judged})\n"
-          + (f"  the warm start's demonstrator often writes {slip} here: a wrong call, no reward\n" if slip else ""))
-    print(f"run directory: {run_dir}")
+          + (f"  the warm start's demonstrator often writes {slip} here: a wrong call, no reward\n" if slip else "")
+          + f"\nrun directory: {run_dir}")
 
 
 # ---- --compare and --bench ----
@@ -2019,10 +2012,8 @@ def run_summary(run_dir):
 def mean_std(values, scale=1.0, digits=0):
     """'mean±std' over seeds (sample std), or the single value; None (a share of zero calls) left out; none: 'n/a'."""
     values = np.asarray([v for v in values if v is not None], dtype=float) * scale
-    if not len(values):
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if len(values) else "n/a"
     return f"{values.mean():.{digits}f}±{values.std(ddof=1):.{digits}f}"
 
 
@@ -2102,21 +2093,17 @@ def differences_table(first, rows, modes, others):
 
 
 def interval_chart(rows, width=41):
-    """A text chart of (label, mean, (lo, hi)) rows on one axis that includes 0: [ and ] the
-    interval, * the mean, | zero."""
-    lo = min([0.0] + [r[2][0] for r in rows])
-    hi = max([0.0] + [r[2][1] for r in rows])
+    """A chart of (label, mean, (lo, hi)) rows on one axis that includes 0: [ and ] the interval, * the mean, | zero."""
+    lo, hi = min([0.0] + [r[2][0] for r in rows]), max([0.0] + [r[2][1] for r in rows])
     column = lambda x: round((x - lo) / (hi - lo + 1e-9) * (width - 1))
     lines = []
     for label, mean, (a, b) in rows:
         line = [" "] * width
-        for i in range(column(a), column(b) + 1):
-            line[i] = "-"
+        line[column(a):column(b) + 1] = "-" * (column(b) + 1 - column(a))
         line[column(0.0)] = "|"
         line[column(a)], line[column(b)], line[column(mean)] = "[", "]", "*"
         lines.append(f"{label:>8} {''.join(line)}  {mean:+.1f} [{a:+.1f}, {b:+.1f}]")
-    axis = f"{lo:+.0f}".ljust(width // 2) + f"{hi:+.0f}".rjust(width - width // 2)
-    return "\n".join(lines + [" " * 9 + axis])
+    return "\n".join(lines + [" " * 9 + f"{lo:+.0f}".ljust(width // 2) + f"{hi:+.0f}".rjust(width - width // 2)])
 
 
 def compare_modes(cfg):
@@ -2165,8 +2152,7 @@ def compare_modes(cfg):
     name = os.path.join(out, f"compare-r{'-'.join(map(str, ranks))}-{'-'.join(modes)}-{cfg.seeds}seeds")
     with open(f"{name}.md", "w") as f:
         f.write(report)
-    write_json(f"{name}.json", {"config": dataclasses.asdict(cfg),
-                                "results": {str(rank): r for rank, r in results.items()}})
+    write_json(f"{name}.json", {"config": dataclasses.asdict(cfg), "results": {str(k): r for k, r in results.items()}})
     print(f"\n{report}\ntables: {name}.md, {name}.json")
     return results
 
@@ -2219,8 +2205,7 @@ def benchmark(cfg, repeats=5):
     engine, generate = slots / np.median(engine_s), slots / np.median(generate_s)
     real = batch.attention_mask[:, batch.prompt_len:].sum().item() / np.median(engine_s)
     print(f"\nGRPO update on one batch of {len(prompts)} rollouts (median of {repeats}), device {device}:")
-    for mode, seconds in median.items():
-        print(f"  {mode:<10} {seconds:.3f} s")
+    print("\n".join(f"  {mode:<10} {seconds:.3f} s" for mode, seconds in median.items()))
     print(f"  dart / joint2r = {median['dart'] / median['joint2r']:.3f}   two_agent / dart = "
           f"{median['two_agent'] / median['dart']:.2f}")
     print(f"  of dart's update, the KL reference (the frozen base alone, no gradient): {np.median(reference_s):.3f} s")
@@ -2248,8 +2233,7 @@ def process_count():
 
 
 def all_reduce_sum(tensor):
-    """Sum a tensor over the processes, in place."""
-    if process_count() > 1:
+    if process_count() > 1:  # in place
         dist.all_reduce(tensor)
     return tensor
 
@@ -2276,11 +2260,10 @@ def gather_lists(local):
 
 def broadcast_from_first(value):
     """Rank 0's value, on every process."""
+    box = [value]
     if process_count() > 1:
-        box = [value]
         dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
+    return box[0]
 
 
 @contextlib.contextmanager
@@ -2304,9 +2287,8 @@ def check_same_adapters(model, step):
 
 
 def init_distributed(cfg):
-    """Under torchrun (it sets WORLD_SIZE, RANK and LOCAL_RANK), join the process group: nccl with
-    one GPU per process on CUDA, gloo on CPU. The timeout is long: the other processes wait while
-    rank 0 warm-starts a base, which can take longer than the default 10 minutes."""
+    """Under torchrun, join the process group: nccl with one GPU per process on CUDA, gloo on CPU. The timeout is
+    long: the other processes wait while rank 0 warm-starts a base, which can take longer than the default 10 min."""
     import datetime
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or process_count() > 1:
         return
@@ -2316,36 +2298,29 @@ def init_distributed(cfg):
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
 
 
-def resumed_config(argv, run_dir):
-    """The config of the run in run_dir, with the command line's overrides of what may change."""
-    saved = saved_config(run_dir)
-    cfg = parse_args(argv, defaults=dataclasses.replace(saved))
-    if cfg.steps != saved.steps and saved.lr_schedule != "constant":
-        raise DartError(f"--resume continues {run_dir} with its cosine learning-rate schedule, which decays over its "
-                        f"{saved.steps} steps: --steps={cfg.steps} would reshape it mid-run. Only a run with "
-                        f"--lr_schedule=constant may be extended; start a new run for another length.")
-    if changed := differing_setting(saved, cfg, RESUME_MAY_CHANGE):
-        raise DartError(f"--resume continues {run_dir} with its own settings, and --{changed} would change "
-                        f"them ({getattr(saved, changed)!r} -> {getattr(cfg, changed)!r}); only "
-                        f"{', '.join('--' + k for k in sorted(RESUME_MAY_CHANGE - NOT_THE_RUN))} may "
-                        f"change. Start a new run for other settings.")
-    cfg.out = run_dir
-    return cfg
-
-
 def run_command(argv):
     if {"-h", "--help"} & set(argv):
         print(help_text(__doc__, Config))
         return
     cfg = parse_args(argv)
-    if cfg.resume:
-        cfg = resumed_config(argv, cfg.resume)
+    if run_dir := cfg.resume:  # the run's own config, with the command line's overrides of what may change
+        saved = saved_config(run_dir)
+        cfg = parse_args(argv, defaults=dataclasses.replace(saved))
+        if cfg.steps != saved.steps and saved.lr_schedule != "constant":
+            raise DartError(f"--resume continues {run_dir} with its cosine learning-rate schedule, which decays over "
+                            f"its {saved.steps} steps: --steps={cfg.steps} would reshape it mid-run. Only a run with "
+                            f"--lr_schedule=constant may be extended; start a new run for another length.")
+        if changed := differing_setting(saved, cfg, RESUME_MAY_CHANGE):
+            raise DartError(f"--resume continues {run_dir} with its own settings, and --{changed} would change them "
+                            f"({getattr(saved, changed)!r} -> {getattr(cfg, changed)!r}); only "
+                            f"{', '.join('--' + k for k in sorted(RESUME_MAY_CHANGE - NOT_THE_RUN))} may change. "
+                            f"Start a new run for other settings.")
+        cfg.out = run_dir
     init_distributed(cfg)
     if cfg.bench and process_count() > 1:
         raise DartError("--bench measures one process; run it without torchrun")
     if cfg.export_peft:
-        for path in write_peft_adapters(cfg.export_peft):
-            print(f"wrote {path}")
+        print("\n".join(f"wrote {path}" for path in write_peft_adapters(cfg.export_peft)))
     elif cfg.compare:
         compare_modes(cfg)
     elif cfg.bench:
