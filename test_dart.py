@@ -1887,7 +1887,10 @@ def test_leas_end_to_end_writes_its_report_and_reuses_the_comparisons_runs(cfg_f
     assert len(saved["per_seed"]) == 2 and saved["conclusion"] == report["conclusion"]
     assert [g["trajectories"] >= 2 for g in saved["gradients"]] == [True, True] and report["kept"] == saved["kept"]
     printed = capsys.readouterr().out
-    assert "lambda23" in printed and "reasoning vs tool" in printed and "conclusion: " in printed
+    assert "mean lambda23" in printed and "reasoning vs tool" in printed and "conclusion: " in printed
+    for family, (_, _, n, mean, (lo, hi)) in saved["lambda23_shares"].items():  # each family's own questions
+        own = [q["lambda"]["lambda23"] for q in saved["questions"] if family in ("all", q["family"])]
+        assert n == len(own) and mean == pytest.approx(np.mean(own)) and lo <= mean <= hi
     assert printed.count("reusing") == 2  # the comparison's two joint runs
     leas.train_variants(cfg, lcfg)  # the next time, the six trained variants (three modes, two seeds) are reused
     assert capsys.readouterr().out.count("reusing") == 6
