@@ -2057,9 +2057,10 @@ def paired_difference(a, b, resamples=2000, seed=0):
     return float(d.mean()), bootstrap_interval(d, resamples, np.random.default_rng(seed))
 
 
-def mode_difference(summaries, a, b, at=-1):
-    """paired_difference of two modes' per-question results at their last evaluation, or at evaluation `at`."""
-    return paired_difference(*([r["evals"][at]["test_correct"] for r in summaries[mode]] for mode in (a, b)))
+def mode_difference(summaries, a, b, at=-1, questions=slice(None)):
+    """paired_difference of two modes' results at their last evaluation (or `at`), on all questions or `questions`."""
+    return paired_difference(*(np.asarray([r["evals"][at]["test_correct"] for r in summaries[mode]])[:, questions]
+                               for mode in (a, b)))
 
 
 def difference_line(summaries, a, b):
@@ -2082,11 +2083,11 @@ def stability_table(summaries):
 
 
 def differences_table(first, rows, modes, others):
-    """One row per (label, summaries, evaluation index): each of `modes`' final test accuracy (mean±std over
-    seeds), then dart's paired difference with each of `others` at that evaluation (points, 95% interval)."""
+    """One row per (label, summaries, evaluation index[, questions]): each of `modes`' final test accuracy (mean±std
+    over seeds), then dart's paired difference with each of `others` there (points, 95% interval)."""
     table = []
-    for label, summaries, at in rows:
-        differences = [mode_difference(summaries, "dart", m, at) for m in others]
+    for label, summaries, at, *questions in rows:
+        differences = [mode_difference(summaries, "dart", m, at, *questions) for m in others]
         table.append([label] + [mean_std([r["final"]["test_acc"] for r in summaries[m]], 100) for m in modes]
                      + [f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" for mean, (lo, hi) in differences])
     return markdown_table([first, *modes, *(f"dart - {m}" for m in others)], table)
@@ -2133,11 +2134,15 @@ def compare_modes(cfg):
                   f"seed(s), {cfg.steps} RL steps of {cfg.questions_per_step}x{cfg.group_size} rollouts, model "
                   f"{cfg.model}, device {resolve_device(cfg)}; final test accuracy in %, mean±std over seeds")
         differences = "\n".join(difference_line(summaries, "dart", m) for m in others)
-        # dart's differences at every evaluation, not only the last: sharing may slow a role before it caps it
+        # dart's differences at each evaluation (sharing may slow a role first) and per family (a conflict hits its own)
         steps = [(e["step"], summaries, at) for at, e in enumerate(summaries["dart"][0]["evals"])] if others else []
         curve = others and ("the learning curves: dart's paired differences at each evaluation, in points, 95% "
                             "intervals over seeds and questions\n\n" + differences_table("RL step", steps, [], others))
-        parts = (header, compare_table(summaries), differences, curve, stability_table(summaries))
+        families = np.array([t.family for t in toy_tasks.test_set(world_of(cfg), cfg.eval_per_family)])
+        per_family = others and ("per task family, at the end: dart's paired differences, in points, 95% intervals "
+                                 "over seeds and the family's questions\n\n" + differences_table("task family", [
+                                     (f, summaries, -1, families == f) for f in dict.fromkeys(families)], [], others))
+        parts = (header, compare_table(summaries), differences, curve, per_family, stability_table(summaries))
         sections.append("\n\n".join(part for part in parts if part))
     # 3. across ranks: the sweep's table and the chart of dart - joint
     if len(ranks) > 1:

@@ -354,8 +354,7 @@ TWO_HOPS = toy_tasks.Task("What is the size of Avalon plus the age of Kalo?", "4
     (TWO_HOPS, "<lookup>Avalon.area</lookup><obs>12</obs><calc>12+30</calc><obs>42</obs><answer>42</answer>",
      {"call": True, "key": True, "hops": False}),
     (TWO_HOPS, TWO_HOPS.trajectory, {"call": True, "key": True, "hops": True, "expression": True}),
-    (TWO_HOPS, TWO_HOPS.trajectory.replace("Kalo.age", "Kalo.antiquity"), {"call": True, "key": False,
-                                                                           "hops": True}),
+    (TWO_HOPS, TWO_HOPS.trajectory.replace("Kalo.age", "Kalo.antiquity"), {"call": True, "key": False, "hops": True}),
 ])
 def test_judge_on_hand_written_completions(task, completion, expected):
     assert toy_tasks.judge(task, completion) == expected
@@ -390,8 +389,7 @@ HAND = dart.SpanTags(opens=torch.tensor([10, 12]), ends=torch.tensor([11, 13, 14
     ([10, 6, 12, 7, 14, 8, 15], [T, T, T, T, R, R, R]),  # nested open: inside until <obs> closes the span
     ([11, 5, 10, 5, 6], [R, R, T, T, T]),  # a stray closing tag opens nothing; an unclosed span stays TOOL
     ([10, 5, 14, 6], [T, T, R, R]),  # the policy writing <obs> itself also ends a span
-    ([5, 6, 7], [R, R, R]),
-])
+    ([5, 6, 7], [R, R, R])])
 def test_token_roles_and_next_role_agree_on_hand_written_sequences(ids, roles):
     ids = torch.tensor([ids])
     assert dart.token_roles(ids, HAND).tolist() == [roles]
@@ -1205,6 +1203,10 @@ def test_compare_sweeps_ranks_and_reuses_finished_runs(cfg_factory, tmp_path, mo
     printed = capsys.readouterr().out
     assert re.search(r"\| LoRA rank r \| +joint \| +dart \| +dart - joint \|", printed)
     assert "dart - joint against the LoRA rank" in printed
+    overall = float(re.search(r"^dart - joint: ([+-][\d.]+) points", printed, re.M).group(1))
+    table = printed.split("per task family")[1].split("\n\n")[1]  # rank 1's; eval_per_family questions in each
+    family = dict(re.findall(r"^\| (\w+) +\| +([+-][\d.]+) \[", table, re.M))  # equal sizes: they average to it
+    assert len(family) == 4 and np.mean(list(map(float, family.values()))) == pytest.approx(overall, abs=0.05)
     assert re.search(r"\| RL step \| +dart - joint \|\n\|[-|:]+\|\n\| 0 +\| \+0\.0 \[\+0\.0, \+0\.0\] \|\n\| 1 ",
                      printed)
     alpha = lambda rank: json.load(open(tmp_path / "sweep" / f"r{rank}" / "dart-s0" / "config.json"))["alpha"]
@@ -1888,7 +1890,7 @@ def test_leas_end_to_end_writes_its_report_and_reuses_the_comparisons_runs(cfg_f
     assert [g["trajectories"] >= 2 for g in saved["gradients"]] == [True, True] and report["kept"] == saved["kept"]
     printed = capsys.readouterr().out
     assert "mean lambda23" in printed and "reasoning vs tool" in printed and "conclusion: " in printed
-    for family, (_, _, n, mean, (lo, hi)) in saved["lambda23_shares"].items():  # each family's own questions
+    for family, (_, _, n, mean, (lo, hi)) in saved["lambda23_shares"].items():  # over each family's own questions
         own = [q["lambda"]["lambda23"] for q in saved["questions"] if family in ("all", q["family"])]
         assert n == len(own) and mean == pytest.approx(np.mean(own)) and lo <= mean <= hi
     assert printed.count("reusing") == 2  # the comparison's two joint runs
