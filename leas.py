@@ -197,10 +197,12 @@ def attribution(counts, tasks, lcfg):
     l23 = lambdas[EFFECTS.index("lambda23")]
     shares = {}
     for family in ("all", *dict.fromkeys(t.family for t in tasks)):
-        sel = l23 if family == "all" else l23[families == family]
+        pick = families == family if family != "all" else np.ones(len(families), bool)
+        sel = l23[pick]
         if len(sel):  # |lambda23| below 1e-9 is rounding noise: neither interference nor synergy
             shares[family] = (float((sel < -1e-9).mean()), float((sel > 1e-9).mean()), int(len(sel)),
-                              float(sel.mean()), dart.bootstrap_interval(sel, lcfg.bootstrap))
+                              float(sel.mean()), dart.bootstrap_interval(sel, lcfg.bootstrap),
+                              *(float(lambdas[EFFECTS.index(e), pick].mean()) for e in ("lambda12", "lambda13")))
     per_seed = []  # the same fit on each seed's six variants alone
     for seed in range(lcfg.seeds):
         K_seed = np.stack([counts[v, seed] for v in VARIANTS])[:, kept]
@@ -217,7 +219,7 @@ def attribution(counts, tasks, lcfg):
         "conclusion": conclusion(*between["lambda23_mean"]),
         "effects": summary,
         "interference_share_ci95": dart.bootstrap_interval((l23 < -1e-9).astype(float), lcfg.bootstrap, rng),
-        "lambda23_shares": shares,  # (share < 0, share > 0, questions, mean, its 95% CI) per family
+        "lambda23_shares": shares,  # per family: share < 0, share > 0, questions, mean, its 95% CI; lambda12, 13
         "success_rate": {v: float(np.mean([counts[v, s].mean() / lcfg.samples for s in range(lcfg.seeds)]))
                          for v in VARIANTS},
         "residual_rms": float(np.sqrt((residuals ** 2).mean())),
@@ -242,11 +244,13 @@ def attribution_table(report, lcfg):
             e["mean"], *e["ci95"], e["median"], *e["median_ci95"]))
         lines.append(f"{name:<10} {mean:>7} {f'[{lo}, {hi}]':>16} {median:>8} {f'[{mlo}, {mhi}]':>16}")
     lo, hi = report["interference_share_ci95"]
+    # lambda12 = z(M_Tool) - z(H_Tool): what the tool-trained adapter does on the reasoning tokens; lambda13 the
+    # other way. Single-role training moves the shared adapter for both roles: lambda23 is measured against that
     lines += ["", f"{'questions':<12} {'lambda23<0':>11} {'lambda23>0':>11} {'n':>5} {'mean lambda23':>14} "
-                  f"{'95% CI':>16}   (< 0: interference)"]
-    for family, (neg, pos, n, mean, interval) in report["lambda23_shares"].items():
+                  f"{'95% CI':>16} {'lambda12':>9} {'lambda13':>9}   (< 0: interference)"]
+    for family, (neg, pos, n, mean, interval, l12, l13) in report["lambda23_shares"].items():
         ci = "[{:+.2f}, {:+.2f}]".format(*interval)
-        lines.append(f"{family:<12} {neg:>11.0%} {pos:>11.0%} {n:>5} {mean:>+14.2f} {ci:>16}")
+        lines.append(f"{family:<12} {neg:>11.0%} {pos:>11.0%} {n:>5} {mean:>+14.2f} {ci:>16} {l12:>+9.2f} {l13:>+9.2f}")
     lines.append(f"share with interference: {report['lambda23_shares']['all'][0]:.0%} "
                  f"(95% CI over questions {lo:.0%}-{hi:.0%}; paper: 62-67% in 3 of 4 settings)")
     lines += ["", f"between seeds (each seed's six variants fitted alone, {lcfg.seeds} seed(s)):"]

@@ -163,8 +163,7 @@ HEIGHT = tools.format_number(WORLD.kb[ENTITY]["height"])
     ("lookup", f"  {ENTITY.lower()} . HEIGHT ", HEIGHT),
     ("lookup", f"{ENTITY}.weight", "error: attributes are population, area, height, age"),
     ("lookup", f"{ENTITY}x.height", f"error: no entity; try {ENTITY}"),
-    ("lookup", "no dot here", "error: write Entity.attribute"),
-])
+    ("lookup", "no dot here", "error: write Entity.attribute")])
 def test_tool_table(tool, text, expected):
     assert {"calc": tools.calculator, "lookup": tools.Lookup(WORLD.kb)}[tool](text) == expected
 
@@ -1890,9 +1889,10 @@ def test_leas_end_to_end_writes_its_report_and_reuses_the_comparisons_runs(cfg_f
     assert [g["trajectories"] >= 2 for g in saved["gradients"]] == [True, True] and report["kept"] == saved["kept"]
     printed = capsys.readouterr().out
     assert "mean lambda23" in printed and "reasoning vs tool" in printed and "conclusion: " in printed
-    for family, (_, _, n, mean, (lo, hi)) in saved["lambda23_shares"].items():  # over each family's own questions
-        own = [q["lambda"]["lambda23"] for q in saved["questions"] if family in ("all", q["family"])]
-        assert n == len(own) and mean == pytest.approx(np.mean(own)) and lo <= mean <= hi
+    for family, (_, _, n, mean, (lo, hi), l12, _) in saved["lambda23_shares"].items():  # each family's own questions
+        own = [q["lambda"] for q in saved["questions"] if family in ("all", q["family"])]
+        means = (pytest.approx(np.mean([q[e] for q in own])) for e in ("lambda23", "lambda12"))
+        assert (n, mean, l12) == (len(own), *means) and lo <= mean <= hi
     assert printed.count("reusing") == 2  # the comparison's two joint runs
     leas.train_variants(cfg, lcfg)  # the next time, the six trained variants (three modes, two seeds) are reused
     assert capsys.readouterr().out.count("reusing") == 6
