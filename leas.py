@@ -11,7 +11,8 @@ the same tiny world as dart.py:
     3. sample N answers per test question from each of the six variants;
     4. per question, fit z = X lambda by least squares, z = logit of the smoothed success
        rate, X the 6-column indicator matrix below: lambda23 < 0 means that optimizing
-       reasoning and tool use in the same parameters hurt (interference), > 0 helped;
+       reasoning and tool use in the same parameters hurt (interference), > 0 helped; and
+       lambda12 + lambda13 + lambda23, the same joint training against the hybrids (DART's contrast);
     5. gradient directions: under the joint adapter, the policy gradient of a trajectory's
        reasoning tokens versus that of its tool tokens (the paper: nearly orthogonal), against
        controls of the same size; and each role's share of joint's one AdamW.
@@ -194,15 +195,22 @@ def attribution(counts, tasks, lcfg):
         summary[name] = {"mean": float(values.mean()), "ci95": dart.bootstrap_interval(values, lcfg.bootstrap, rng),
                          "median": float(np.median(values)),
                          "median_ci95": dart.bootstrap_interval(values, lcfg.bootstrap, rng, np.median)}
-    l23 = lambdas[EFFECTS.index("lambda23")]
-    shares = {}
+    l23, l12, l13 = (lambdas[EFFECTS.index(e)] for e in ("lambda23", "lambda12", "lambda13"))
+    # lambda12 = z(M_Tool) - z(H_Tool): what the tool-trained adapter does on the reasoning tokens too (lambda13 the
+    # other way). So lambda23 sets joint training against single-role adapters acting on every token, while
+    # lambda12 + lambda13 + lambda23 = z(M_Unified) - z(H_Tool) - z(H_Reas) + z(Base) sets it against each
+    # single-role adapter on its own role's tokens alone (the hybrids, as DART routes): DART's contrast
+    hybrids = l12 + l13 + l23
+    by_family = {}
     for family in ("all", *dict.fromkeys(t.family for t in tasks)):
-        pick = families == family if family != "all" else np.ones(len(families), bool)
-        sel = l23[pick]
-        if len(sel):  # |lambda23| below 1e-9 is rounding noise: neither interference nor synergy
-            shares[family] = (float((sel < -1e-9).mean()), float((sel > 1e-9).mean()), int(len(sel)),
-                              float(sel.mean()), dart.bootstrap_interval(sel, lcfg.bootstrap),
-                              *(float(lambdas[EFFECTS.index(e), pick].mean()) for e in ("lambda12", "lambda13")))
+        pick = np.ones(len(families), bool) if family == "all" else families == family
+        if pick.any():  # |lambda23| below 1e-9 is rounding noise: neither interference nor synergy
+            by_family[family] = {
+                "below": float((l23[pick] < -1e-9).mean()), "above": float((l23[pick] > 1e-9).mean()),
+                "n": int(pick.sum()), "lambda12": float(l12[pick].mean()), "lambda13": float(l13[pick].mean()),
+                "lambda23": float(l23[pick].mean()), "against_hybrids": float(hybrids[pick].mean()),
+                "lambda23_ci95": dart.bootstrap_interval(l23[pick], lcfg.bootstrap),
+                "against_hybrids_ci95": dart.bootstrap_interval(hybrids[pick], lcfg.bootstrap)}
     per_seed = []  # the same fit on each seed's six variants alone
     for seed in range(lcfg.seeds):
         K_seed = np.stack([counts[v, seed] for v in VARIANTS])[:, kept]
@@ -219,7 +227,7 @@ def attribution(counts, tasks, lcfg):
         "conclusion": conclusion(*between["lambda23_mean"]),
         "effects": summary,
         "interference_share_ci95": dart.bootstrap_interval((l23 < -1e-9).astype(float), lcfg.bootstrap, rng),
-        "lambda23_shares": shares,  # per family: share < 0, share > 0, questions, mean, its 95% CI; lambda12, 13
+        "by_family": by_family,  # lambda23's shares below and above 0, means and intervals over the family's questions
         "success_rate": {v: float(np.mean([counts[v, s].mean() / lcfg.samples for s in range(lcfg.seeds)]))
                          for v in VARIANTS},
         "residual_rms": float(np.sqrt((residuals ** 2).mean())),
@@ -244,14 +252,15 @@ def attribution_table(report, lcfg):
             e["mean"], *e["ci95"], e["median"], *e["median_ci95"]))
         lines.append(f"{name:<10} {mean:>7} {f'[{lo}, {hi}]':>16} {median:>8} {f'[{mlo}, {mhi}]':>16}")
     lo, hi = report["interference_share_ci95"]
-    # lambda12 = z(M_Tool) - z(H_Tool): what the tool-trained adapter does on the reasoning tokens; lambda13 the
-    # other way. Single-role training moves the shared adapter for both roles: lambda23 is measured against that
-    lines += ["", f"{'questions':<12} {'lambda23<0':>11} {'lambda23>0':>11} {'n':>5} {'mean lambda23':>14} "
-                  f"{'95% CI':>16} {'lambda12':>9} {'lambda13':>9}   (< 0: interference)"]
-    for family, (neg, pos, n, mean, interval, l12, l13) in report["lambda23_shares"].items():
-        ci = "[{:+.2f}, {:+.2f}]".format(*interval)
-        lines.append(f"{family:<12} {neg:>11.0%} {pos:>11.0%} {n:>5} {mean:>+14.2f} {ci:>16} {l12:>+9.2f} {l13:>+9.2f}")
-    lines.append(f"share with interference: {report['lambda23_shares']['all'][0]:.0%} "
+    lines += ["", f"{'questions':<12} {'lambda23<0':>11} {'lambda23>0':>11} {'n':>5} {'lambda12':>9} {'lambda13':>9} "
+                  f"{'lambda23':>9} {'95% CI':>16} {'12+13+23':>9} {'95% CI':>16}",
+              "(means over the questions; < 0: interference; 12+13+23: M_Unified against the hybrids, DART's contrast)"]
+    ci = "[{:+.2f}, {:+.2f}]".format
+    for family, f in report["by_family"].items():
+        lines.append(f"{family:<12} {f['below']:>11.0%} {f['above']:>11.0%} {f['n']:>5} {f['lambda12']:>+9.2f} "
+                     f"{f['lambda13']:>+9.2f} {f['lambda23']:>+9.2f} {ci(*f['lambda23_ci95']):>16} "
+                     f"{f['against_hybrids']:>+9.2f} {ci(*f['against_hybrids_ci95']):>16}")
+    lines.append(f"share with interference: {report['by_family']['all']['below']:.0%} "
                  f"(95% CI over questions {lo:.0%}-{hi:.0%}; paper: 62-67% in 3 of 4 settings)")
     lines += ["", f"between seeds (each seed's six variants fitted alone, {lcfg.seeds} seed(s)):"]
     for key, label, fmt in (("lambda23_mean", "mean lambda23", "{:+.2f}"),

@@ -657,8 +657,7 @@ def test_engine_runs_tools_forces_observations_and_masks_them(scripted):
     ("<lookup>Nowhere.height</lookup><answer>1</answer>", REGISTRY["lookup"]("Nowhere.height"), {}),
     ("<calc><answer>1</answer>", "error: at most 0 tool calls", {"max_tool_calls": 0}),  # refused at its tag
     ("<lookup>A.b</lookup><answer>1</answer>", "error: unknown tool 'lookup'; tools are calc",
-     {"registry": {"calc": tools.calculator}}),  # a tag the environment has no tool for
-])
+     {"registry": {"calc": tools.calculator}})])  # a tag the environment has no tool for
 def test_malformed_calls_become_error_observations(scripted, script, error, settings):
     out, policy = scripted([script], **settings)
     assert observations(out.texts[0]) == [as_observed(policy, error)]
@@ -1889,10 +1888,11 @@ def test_leas_end_to_end_writes_its_report_and_reuses_the_comparisons_runs(cfg_f
     assert [g["trajectories"] >= 2 for g in saved["gradients"]] == [True, True] and report["kept"] == saved["kept"]
     printed = capsys.readouterr().out
     assert "mean lambda23" in printed and "reasoning vs tool" in printed and "conclusion: " in printed
-    for family, (_, _, n, mean, (lo, hi), l12, _) in saved["lambda23_shares"].items():  # each family's own questions
+    for family, f in saved["by_family"].items():  # means over each family's own questions
         own = [q["lambda"] for q in saved["questions"] if family in ("all", q["family"])]
-        means = (pytest.approx(np.mean([q[e] for q in own])) for e in ("lambda23", "lambda12"))
-        assert (n, mean, l12) == (len(own), *means) and lo <= mean <= hi
+        means = [pytest.approx(np.mean([sum(q[e] for e in effects) for q in own])) for effects in (
+            ["lambda23"], ["lambda12", "lambda13", "lambda23"])]  # lambda23, and M_Unified against the hybrids
+        assert (f["n"], f["lambda23"], f["against_hybrids"]) == (len(own), *means)
     assert printed.count("reusing") == 2  # the comparison's two joint runs
     leas.train_variants(cfg, lcfg)  # the next time, the six trained variants (three modes, two seeds) are reused
     assert capsys.readouterr().out.count("reusing") == 6
