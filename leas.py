@@ -12,7 +12,7 @@ the same tiny world as dart.py:
     4. per question, fit z = X lambda by least squares, z = logit of the smoothed success
        rate, X the 6-column indicator matrix below: lambda23 < 0 means that optimizing
        reasoning and tool use in the same parameters hurt (interference), > 0 helped; and
-       lambda12 + lambda13 + lambda23, the same joint training against the hybrids (DART's contrast);
+       lambda12 + lambda13 + lambda23, the same joint training against the hybrids (routed as DART);
     5. gradient directions: under the joint adapter, the policy gradient of a trajectory's
        reasoning tokens versus that of its tool tokens (the paper: nearly orthogonal), against
        controls of the same size; and each role's share of joint's one AdamW.
@@ -199,7 +199,7 @@ def attribution(counts, tasks, lcfg):
     # lambda12 = z(M_Tool) - z(H_Tool): what the tool-trained adapter does on the reasoning tokens too (lambda13 the
     # other way). So lambda23 sets joint training against single-role adapters acting on every token, while
     # lambda12 + lambda13 + lambda23 = z(M_Unified) - z(H_Tool) - z(H_Reas) + z(Base) sets it against each
-    # single-role adapter on its own role's tokens alone (the hybrids, as DART routes): DART's contrast
+    # single-role adapter on its own role's tokens alone (the hybrids, routed as DART routes its two adapters)
     hybrids = l12 + l13 + l23
     by_family = {}
     for family in ("all", *dict.fromkeys(t.family for t in tasks)):
@@ -254,7 +254,7 @@ def attribution_table(report, lcfg):
     lo, hi = report["interference_share_ci95"]
     lines += ["", f"{'questions':<12} {'lambda23<0':>11} {'lambda23>0':>11} {'n':>5} {'lambda12':>9} {'lambda13':>9} "
                   f"{'lambda23':>9} {'95% CI':>16} {'12+13+23':>9} {'95% CI':>16}",
-              "(means over the questions; < 0: interference; 12+13+23: M_Unified against the hybrids, DART's contrast)"]
+              "(means over the questions; < 0: interference; 12+13+23: M_Unified against the hybrids, routed as DART)"]
     ci = "[{:+.2f}, {:+.2f}]".format
     for family, f in report["by_family"].items():
         lines.append(f"{family:<12} {f['below']:>11.0%} {f['above']:>11.0%} {f['n']:>5} {f['lambda12']:>+9.2f} "
